@@ -1,0 +1,92 @@
+"""RegisterViT against timm's VisionTransformer of the same configuration: speed and memory.
+
+Each measurement runs in its own process, so that the peak resident memory of one model is not
+hidden by another's; runs of the two models alternate so that drift of the machine hits both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from lightning_registers.models import RegisterViT, create_timm_model
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status")
+
+
+def measure(impl: str, num_registers: int, batch_size: int, steps: int) -> dict:
+    """Forward+backward images/s of one model (runs in the current process)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = RegisterViT("vit_small", img_size=224, patch_size=16, num_registers=num_registers)
+    if impl == "timm":
+        model = create_timm_model(model)
+    x = torch.randn(batch_size, 3, 224, 224)
+    baseline = _rss_bytes()
+
+    def step():
+        model(x).float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": batch_size * steps / elapsed, "baseline_rss": baseline}
+
+
+def _run_child(impl: str, num_registers: int, batch_size: int, steps: int) -> dict:
+    code = (
+        "import json; from lightning_registers.benchmarks.backbone import measure; "
+        f"print(json.dumps(measure({impl!r}, {num_registers}, {batch_size}, {steps})))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"benchmark child for {impl} failed with status {status}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["step_memory_bytes"] = usage.ru_maxrss * 1024 - result.pop("baseline_rss")
+    return result
+
+
+def run(repeats: int = 3, batch_size: int = 32, steps: int = 3) -> list[str]:
+    """Markdown lines for BENCHMARKS.md."""
+    lines = [
+        "| registers | ours img/s | timm img/s | speed ratio (ours/timm) "
+        "| ours step MiB | timm step MiB | memory ratio (ours/timm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for num_registers in (0, 4):
+        results = {"ours": [], "timm": []}
+        for _ in range(repeats):
+            for impl in ("ours", "timm"):
+                results[impl].append(_run_child(impl, num_registers, batch_size, steps))
+        speed = {k: max(r["images_per_s"] for r in v) for k, v in results.items()}
+        memory = {k: min(r["step_memory_bytes"] for r in v) / 2**20 for k, v in results.items()}
+        lines.append(
+            f"| {num_registers} | {speed['ours']:.2f} | {speed['timm']:.2f} "
+            f"| {speed['ours'] / speed['timm']:.3f} | {memory['ours']:.0f} "
+            f"| {memory['timm']:.0f} | {memory['ours'] / memory['timm']:.3f} |"
+        )
+    return [
+        "## Backbone: RegisterViT vs timm VisionTransformer",
+        "",
+        f"vit_small, patch 16, 224 px, batch {batch_size}, float32 forward+backward on CPU; "
+        f"best of {repeats} alternating runs of {steps} steps each (after one warm-up step); "
+        "memory is the peak resident memory of the step above the model's own.",
+        "",
+        *lines,
+    ]

@@ -1,0 +1,30 @@
+"""The register-ViT backbone, its heads and checkpoint conversion."""
+
+from .convert import (
+    LAYOUTS,
+    CheckpointMismatchError,
+    convert_state_dict,
+    create_timm_model,
+    from_dinov2,
+    from_open_clip,
+    from_timm,
+    load_pretrained,
+    to_timm,
+    unwrap_state_dict,
+)
+from .vit import ARCHS, RegisterViT
+
+__all__ = [
+    "ARCHS",
+    "LAYOUTS",
+    "CheckpointMismatchError",
+    "RegisterViT",
+    "convert_state_dict",
+    "create_timm_model",
+    "from_dinov2",
+    "from_open_clip",
+    "from_timm",
+    "load_pretrained",
+    "to_timm",
+    "unwrap_state_dict",
+]
