@@ -1,0 +1,207 @@
+"""The generated demo dataset: scenes of coloured shapes with known classes, captions and boxes.
+
+Every scene holds 1 to 3 objects on a plain (large uniform regions, where artifacts live) or
+textured background. The main object, whose class is the label, is the largest; it is drawn
+last so that it is never hidden. A scene depends only on (seed, split, index), so any subset
+can be regenerated exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASS_NAMES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "diamond",
+    "star",
+    "cross",
+    "ring",
+    "hexagon",
+    "crescent",
+    "bar",
+)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 60, 190),
+    "cyan": (40, 200, 210),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = ("plain", "plain", "gradient", "stripes", "checker", "noise")
+SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+@dataclass
+class SceneObject:
+    """One drawn object: class, colour and its box (x0, y0, x1, y1) in pixels."""
+
+    class_id: int
+    colour: str
+    box: tuple[int, int, int, int]
+
+    @property
+    def area(self) -> int:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+    def to_json(self) -> dict:
+        return {
+            "class_id": self.class_id,
+            "class": CLASS_NAMES[self.class_id],
+            "colour": self.colour,
+            "box": list(self.box),
+        }
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple[float, float]]:
+    return [
+        (
+            cx + r * math.cos(phase + 2 * math.pi * i / n),
+            cy + r * math.sin(phase + 2 * math.pi * i / n),
+        )
+        for i in range(n)
+    ]
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, name: str, box) -> None:
+    """Draw a shape into a mask: 255 inside, 0 for holes and cut-outs."""
+    fill, background = 255, 0
+    x0, y0, x1, y1 = box
+    cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+    if name == "circle":
+        draw.ellipse(box, fill=fill)
+    elif name == "square":
+        draw.rectangle(box, fill=fill)
+    elif name == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=fill)
+    elif name == "diamond":
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+    elif name == "star":
+        outer = _polygon(cx, cy, r, 5, -math.pi / 2)
+        inner = _polygon(cx, cy, r * 0.4, 5, -math.pi / 2 + math.pi / 5)
+        draw.polygon([p for pair in zip(outer, inner, strict=True) for p in pair], fill=fill)
+    elif name == "cross":
+        w = r / 3
+        draw.rectangle((cx - w, y0, cx + w, y1), fill=fill)
+        draw.rectangle((x0, cy - w, x1, cy + w), fill=fill)
+    elif name == "ring":
+        draw.ellipse(box, fill=fill)
+        w = r * 0.5
+        draw.ellipse((cx - w, cy - w, cx + w, cy + w), fill=background)
+    elif name == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, 0.0), fill=fill)
+    elif name == "crescent":
+        draw.ellipse(box, fill=fill)
+        shift = r * 0.55
+        draw.ellipse((x0 + shift, y0 - shift * 0.3, x1 + shift, y1 - shift * 0.3), fill=background)
+    elif name == "bar":
+        h = r / 3.5
+        draw.rectangle((x0, cy - h, x1, cy + h), fill=fill)
+    else:
+        raise ValueError(f"unknown shape {name!r}")
+
+
+def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
+    base = rng.integers(0, 256, size=3)
+    if kind == "plain":
+        return np.broadcast_to(base, (size, size, 3)).astype(np.uint8)
+    other = rng.integers(0, 256, size=3)
+    yy, xx = np.mgrid[0:size, 0:size]
+    if kind == "gradient":
+        t = (xx if rng.random() < 0.5 else yy)[..., None] / max(size - 1, 1)
+        img = base * (1 - t) + other * t
+    elif kind == "stripes":
+        period = rng.integers(4, 12) * size / 64
+        t = ((xx + yy * rng.integers(0, 2)) // max(period / 2, 1) % 2)[..., None]
+        img = base * (1 - t) + other * t
+    elif kind == "checker":
+        cell = max(int(rng.integers(4, 12) * size / 64), 1)
+        t = ((xx // cell + yy // cell) % 2)[..., None]
+        img = base * (1 - t) + other * t
+    else:
+        img = base + rng.normal(0, 40, size=(size, size, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _overlaps(a, b) -> bool:
+    return not (a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1])
+
+
+def position_words(box, size: int) -> str:
+    """Where a box's centre lies: 'top left', 'centre', 'bottom', ..."""
+    cx, cy = (box[0] + box[2]) / 2 / size, (box[1] + box[3]) / 2 / size
+    vertical = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    horizontal = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return " ".join(w for w in (vertical, horizontal) if w) or "centre"
+
+
+def caption(objects: list[SceneObject], background: str, size: int) -> str:
+    """A caption naming each object, its colour and where it is, main object first."""
+    parts = []
+    for o in objects:
+        where = position_words(o.box, size)
+        article = "an" if o.colour[0] in "aeiou" else "a"
+        place = "in the centre" if where == "centre" else f"at the {where}"
+        parts.append(f"{article} {o.colour} {CLASS_NAMES[o.class_id]} {place}")
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{text} on a {background} background"
+
+
+def generate_scene(seed: int, split: str, index: int, size: int = 64):
+    """One scene: (PIL image, label, caption, metadata dict with every object's box)."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_OFFSETS)}, got {split!r}")
+    rng = np.random.default_rng([seed, SPLIT_OFFSETS[split] + index])
+    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    pixels = _background(rng, background, size)
+    count = int(rng.integers(1, 4))
+    sides = sorted((int(rng.uniform(0.3, 0.55) * size) for _ in range(count)), reverse=True)
+    sides = [sides[0]] + [min(s, int(0.8 * sides[0])) for s in sides[1:]]
+    objects: list[SceneObject] = []
+    for side in sides:
+        for _ in range(20):
+            x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+            box = (x0, y0, x0 + side, y0 + side)
+            if not any(_overlaps(box, o.box) for o in objects):
+                break
+        else:
+            continue
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        objects.append(SceneObject(int(rng.integers(len(CLASS_NAMES))), colour, box))
+    image = Image.fromarray(pixels)
+    for obj in reversed(objects):
+        mask = Image.new("L", (size, size), 0)
+        _draw_shape(ImageDraw.Draw(mask), CLASS_NAMES[obj.class_id], obj.box)
+        crop = Image.new("L", (size, size), 0)
+        crop.paste(mask.crop(obj.box), obj.box[:2])
+        image.paste(COLOURS[obj.colour], (0, 0), crop)
+    meta = {
+        "objects": [o.to_json() for o in objects],
+        "background": background,
+        "size": [size, size],
+    }
+    return image, objects[0].class_id, caption(objects, background, size), meta
+
+
+def scene_sample(seed: int, split: str, index: int, size: int = 64) -> dict:
+    """A webdataset sample (encoded fields) for one scene."""
+    image, label, text, meta = generate_scene(seed, split, index, size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {
+        "__key__": f"{split}-{index:08d}",
+        "png": buffer.getvalue(),
+        "cls": str(label).encode(),
+        "txt": text.encode(),
+        "json": json.dumps(meta).encode(),
+    }
