@@ -21,7 +21,8 @@ def machine() -> str:
         names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
     if names:
         cpu = names[0]
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    python = platform.python_version()
+    return f"{cpu}, {os.cpu_count()} cores, Python {python}, torch {torch.__version__}"
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Every (rank, worker) slot reads its own fixed share of the shards; with fewer shards than
 slots, all slots read every shard and keep every slots-th sample, so slots never see the same
 sample. Training streams repeat forever (each pass reshuffles the slot's shards from the seed,
-epoch and pass, and a buffer shuffles samples) and each epoch takes a fixed number of samples. Validation streams are read once, split the same way.
+epoch and pass, and a buffer shuffles samples) and each epoch takes a fixed number of samples.
+Validation streams are read once, split the same way.
 """
 
 from __future__ import annotations
