@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+demo: setup
+	test -f $(DEMO_DATA)/classes.json || $(BIN)/lightning-registers shards demo --out $(DEMO_DATA)
+	$(BIN)/lightning-registers fit --config configs/demo/supervised.yaml
+
 test: setup
 	$(BIN)/python -m pytest
 

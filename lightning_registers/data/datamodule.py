@@ -69,6 +69,16 @@ class ShardDataModule(L.LightningDataModule):
         self.persistent_workers = persistent_workers
         self.start_epoch = 0
 
+    def setup(self, stage: str) -> None:
+        needed = {
+            "fit": ("train_urls", "val_urls"),
+            "validate": ("val_urls",),
+            "test": ("val_urls",),
+        }.get(stage, ())
+        missing = [name for name in needed if not self.hparams[name]]
+        if missing:
+            raise ValueError(f"{stage} needs data.{' and data.'.join(missing)}: set the shards")
+
     @property
     def class_names(self) -> list[str] | None:
         """Class names from ``class_names_file`` or a ``classes.json`` beside the shards."""

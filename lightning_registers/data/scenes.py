@@ -16,38 +16,31 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-CLASS_NAMES: tuple[str, ...] = (
-    "circle",
-    "square",
-    "triangle",
-    "diamond",
-    "star",
-    "cross",
-    "ring",
-    "hexagon",
-    "crescent",
-    "bar",
+# Each class is a shape in its own colour, so that a class can be told by shape (what
+# colour-jittered self-distillation learns) or by colour (what a small supervised ViT learns
+# first); the colour's name is part of every caption.
+CLASSES: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
+    ("circle", "red", (220, 40, 40)),
+    ("square", "green", (40, 170, 60)),
+    ("triangle", "blue", (40, 80, 220)),
+    ("diamond", "yellow", (235, 210, 40)),
+    ("star", "purple", (140, 60, 190)),
+    ("cross", "cyan", (40, 200, 210)),
+    ("ring", "orange", (245, 140, 30)),
+    ("hexagon", "white", (245, 245, 245)),
+    ("crescent", "pink", (250, 130, 190)),
+    ("bar", "black", (20, 20, 20)),
 )
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 190),
-    "cyan": (40, 200, 210),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-}
-BACKGROUNDS = ("plain", "plain", "gradient", "stripes", "checker", "noise")
+CLASS_NAMES: tuple[str, ...] = tuple(f"{colour} {shape}" for shape, colour, _ in CLASSES)
+BACKGROUNDS = ("plain", "plain", "plain", "gradient", "stripes", "checker", "noise")
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
 @dataclass
 class SceneObject:
-    """One drawn object: class, colour and its box (x0, y0, x1, y1) in pixels."""
+    """One drawn object: its class and box (x0, y0, x1, y1) in pixels."""
 
     class_id: int
-    colour: str
     box: tuple[int, int, int, int]
 
     @property
@@ -55,10 +48,12 @@ class SceneObject:
         return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
 
     def to_json(self) -> dict:
+        shape, colour, _ = CLASSES[self.class_id]
         return {
             "class_id": self.class_id,
             "class": CLASS_NAMES[self.class_id],
-            "colour": self.colour,
+            "shape": shape,
+            "colour": colour,
             "box": list(self.box),
         }
 
@@ -115,7 +110,8 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
     base = rng.integers(0, 256, size=3)
     if kind == "plain":
         return np.broadcast_to(base, (size, size, 3)).astype(np.uint8)
-    other = rng.integers(0, 256, size=3)
+    # Textures stay low-contrast so that the objects remain the salient content.
+    other = np.clip(base + rng.integers(-60, 61, size=3), 0, 255)
     yy, xx = np.mgrid[0:size, 0:size]
     if kind == "gradient":
         t = (xx if rng.random() < 0.5 else yy)[..., None] / max(size - 1, 1)
@@ -129,7 +125,7 @@ def _background(rng: np.random.Generator, kind: str, size: int) -> np.ndarray:
         t = ((xx // cell + yy // cell) % 2)[..., None]
         img = base * (1 - t) + other * t
     else:
-        img = base + rng.normal(0, 40, size=(size, size, 3))
+        img = base + rng.normal(0, 20, size=(size, size, 3))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -150,9 +146,10 @@ def caption(objects: list[SceneObject], background: str, size: int) -> str:
     parts = []
     for o in objects:
         where = position_words(o.box, size)
-        article = "an" if o.colour[0] in "aeiou" else "a"
+        name = CLASS_NAMES[o.class_id]
+        article = "an" if name[0] in "aeiou" else "a"
         place = "in the centre" if where == "centre" else f"at the {where}"
-        parts.append(f"{article} {o.colour} {CLASS_NAMES[o.class_id]} {place}")
+        parts.append(f"{article} {name} {place}")
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{text} on a {background} background"
 
@@ -165,8 +162,9 @@ def generate_scene(seed: int, split: str, index: int, size: int = 64):
     background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     pixels = _background(rng, background, size)
     count = int(rng.integers(1, 4))
-    sides = sorted((int(rng.uniform(0.3, 0.55) * size) for _ in range(count)), reverse=True)
-    sides = [sides[0]] + [min(s, int(0.8 * sides[0])) for s in sides[1:]]
+    # The main object is clearly the largest; the others are distractors.
+    sides = [int(rng.uniform(0.4, 0.65) * size)]
+    sides += [int(rng.uniform(0.15, 0.3) * size) for _ in range(count - 1)]
     objects: list[SceneObject] = []
     for side in sides:
         for _ in range(20):
@@ -176,15 +174,15 @@ def generate_scene(seed: int, split: str, index: int, size: int = 64):
                 break
         else:
             continue
-        colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        objects.append(SceneObject(int(rng.integers(len(CLASS_NAMES))), colour, box))
+        objects.append(SceneObject(int(rng.integers(len(CLASSES))), box))
     image = Image.fromarray(pixels)
     for obj in reversed(objects):
         mask = Image.new("L", (size, size), 0)
-        _draw_shape(ImageDraw.Draw(mask), CLASS_NAMES[obj.class_id], obj.box)
+        shape, _, colour = CLASSES[obj.class_id]
+        _draw_shape(ImageDraw.Draw(mask), shape, obj.box)
         crop = Image.new("L", (size, size), 0)
         crop.paste(mask.crop(obj.box), obj.box[:2])
-        image.paste(COLOURS[obj.colour], (0, 0), crop)
+        image.paste(colour, (0, 0), crop)
     meta = {
         "objects": [o.to_json() for o in objects],
         "background": background,

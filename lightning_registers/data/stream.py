@@ -132,13 +132,23 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.epoch = start_epoch
 
+    def batches_per_rank(self) -> int:
+        """Whole batches each rank yields per epoch (the same on every rank)."""
+        _, world_size, _, _ = pytorch_worker_info()
+        return max(self.samples_per_epoch // (world_size * self.batch_size), 1)
+
     def samples_for_slot(self, slot: int, slots: int) -> int:
-        """Whole batches of this slot so that every rank yields the same number of batches."""
-        _, world_size, _, num_workers = pytorch_worker_info()
-        batches_per_rank = max(self.samples_per_epoch // (world_size * self.batch_size), 1)
+        """This worker's share of its rank's batches, in samples."""
+        num_workers = slots // pytorch_worker_info()[1]
+        per_rank = self.batches_per_rank()
         worker = slot % num_workers
-        batches = batches_per_rank // num_workers + (worker < batches_per_rank % num_workers)
-        return batches * self.batch_size
+        return (per_rank // num_workers + (worker < per_rank % num_workers)) * self.batch_size
+
+    def __len__(self) -> int:
+        """Samples per epoch on this rank (training streams only; validation has no length)."""
+        if not self.train:
+            raise TypeError("a validation stream is read once and has no length")
+        return self.batches_per_rank() * self.batch_size
 
     def _shards(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         """This slot's shards, pass after pass (once for validation), reshuffled every pass."""

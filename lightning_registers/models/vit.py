@@ -161,6 +161,27 @@ class RegisterViT(nn.Module):
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self._check_divisible(img_size, patch_size)
+        self.config = dict(
+            arch=arch,
+            img_size=img_size[0] if img_size[0] == img_size[1] else list(img_size),
+            patch_size=patch_size,
+            num_registers=num_registers,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            ffn=ffn,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            layerscale_init=layerscale_init,
+            drop_path_rate=drop_path_rate,
+            norm_eps=norm_eps,
+            pre_norm=pre_norm,
+            in_chans=in_chans,
+            interpolate_antialias=interpolate_antialias,
+            interpolate_offset=interpolate_offset,
+            grad_checkpointing=grad_checkpointing,
+        )
+        """The resolved constructor arguments: ``RegisterViT(**config)`` rebuilds the model."""
 
         self.arch = arch
         self.img_size = img_size

@@ -2,6 +2,7 @@
 
 import io
 import shutil
+import tarfile
 import warnings
 
 import pytest
@@ -98,8 +99,11 @@ def test_validation_stream_reads_every_sample_once_in_order(demo_shards):
 def test_corrupted_shard_and_undecodable_sample_are_skipped_and_counted(demo_shards, tmp_path):
     src = demo_shards / "val"
     shutil.copy(src / "demo-val-000000.tar", tmp_path / "good.tar")
+    with tarfile.open(src / "demo-val-000001.tar") as tar:
+        middle = [m for m in tar.getmembers() if m.name.endswith(".png")][25]
+    cut = middle.offset_data + middle.size // 2  # inside an image, as an interrupted copy
     data = (src / "demo-val-000001.tar").read_bytes()
-    (tmp_path / "truncated.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "truncated.tar").write_bytes(data[:cut])
     (tmp_path / "garbage.tar").write_bytes(b"\x00garbage" * 100)
 
     def decode_or_fail(sample):
@@ -143,7 +147,7 @@ def test_datamodule_builds_loaders_with_a_given_transform(demo_shards):
     batches = list(dm.train_dataloader(transform=key_and_url))
     assert len(batches) == 4 and all(len(b["key"]) == 8 for b in batches)
     assert isinstance(batches[0]["label"], torch.Tensor)
-    assert dm.class_names[0] == "circle"
+    assert dm.class_names[0] == "red circle"
     val = list(dm.val_dataloader(transform=key_and_url))
     assert sum(len(b["key"]) for b in val) == 100
     with pytest.raises(RuntimeError, match="make_transform"):

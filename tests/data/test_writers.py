@@ -60,7 +60,7 @@ def test_demo_scene_truths_are_consistent():
         for o in objects:
             x0, y0, x1, y1 = o["box"]
             assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
-            assert f"{o['colour']} {o['class']}" in caption
+            assert o["class"] == f"{o['colour']} {o['shape']}" and o["class"] in caption
         labels.add(label)
     assert labels == set(range(len(CLASS_NAMES)))
 

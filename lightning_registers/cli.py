@@ -1,0 +1,142 @@
+"""The ``lightning-registers`` command.
+
+``fit``/``validate``/``test``/``predict`` are LightningCLI's, configured by YAML files
+(``--config``, several merge in order); ``shards`` writes webdataset shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import ShardDataModule, write_demo_shards, write_folder_shards, write_table_shards
+from .objectives import ObjectiveModule
+
+RUNS_DIR = "runs"
+
+
+class RegistersCLI(LightningCLI):
+    """LightningCLI with the links between data and model and runs under
+    ``runs/<experiment>/version_N/``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--experiment",
+            default="default",
+            help="run name: TensorBoard runs go to runs/<experiment>/version_N",
+        )
+        parser.link_arguments("data.image_size", "model.init_args.image_size")
+        parser.link_arguments("data.image_size", "model.init_args.backbone.init_args.img_size")
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": RUNS_DIR, "name": config.experiment},
+            }
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero and self.trainer.log_dir:
+            log_dir = Path(self.trainer.log_dir)
+            print(f"\nrun directory: {log_dir}")
+            print(f"checkpoints:   {log_dir / 'checkpoints'}")
+            print(f"watch it with: tensorboard --logdir {log_dir.parent}")
+
+
+def lightning_main(args: list[str] | None = None) -> RegistersCLI:
+    """Run LightningCLI's subcommands (``args`` default to the command line)."""
+    return RegistersCLI(
+        ObjectiveModule,
+        ShardDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        parser_kwargs={
+            "description": "Train register ViTs. Also: `lightning-registers shards -h` to write "
+            "webdataset shards."
+        },
+    )
+
+
+def shards_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-registers shards", description="Write webdataset shards."
+    )
+    sub = parser.add_subparsers(dest="source", required=True)
+
+    def writer_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+        p.add_argument("--maxsize", type=float, default=1e9, help="bytes per shard at most")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    demo = sub.add_parser("demo", help="the generated scene dataset (train/ and val/)")
+    demo.add_argument("--out", default="data/demo")
+    demo.add_argument("--train", type=int, default=20000, help="training scenes")
+    demo.add_argument("--val", type=int, default=2000, help="validation scenes")
+    demo.add_argument("--size", type=int, default=64, help="image side in pixels (<= 224)")
+    demo.add_argument("--seed", type=int, default=0)
+    writer_options(demo)
+
+    folder = sub.add_parser("from-folder", help="an ImageFolder tree: one sub-folder a class")
+    folder.add_argument("root")
+    folder.add_argument("--out", required=True)
+    folder.add_argument("--prefix", default="shard")
+    writer_options(folder)
+
+    table = sub.add_parser("from-csv", help="a CSV or JSONL table of image paths and captions")
+    table.add_argument("file")
+    table.add_argument("--out", required=True)
+    table.add_argument("--image-column", default="filepath")
+    table.add_argument("--caption-column", default="caption")
+    table.add_argument("--label-column", default=None)
+    table.add_argument("--prefix", default="shard")
+    writer_options(table)
+    return parser
+
+
+def shards_main(args: list[str]) -> None:
+    """``lightning-registers shards ...``."""
+    opts = shards_parser().parse_args(args)
+    common = dict(maxcount=opts.maxcount, maxsize=opts.maxsize, progress=not opts.quiet)
+    if opts.source == "demo":
+        summary = write_demo_shards(opts.out, opts.train, opts.val, opts.size, opts.seed, **common)
+    elif opts.source == "from-folder":
+        summary = write_folder_shards(opts.root, opts.out, opts.prefix, **common)
+    else:
+        summary = write_table_shards(
+            opts.file,
+            opts.out,
+            opts.image_column,
+            opts.caption_column,
+            opts.label_column,
+            opts.prefix,
+            **common,
+        )
+    print(summary)
+
+
+COMMANDS = {"shards": shards_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-registers`` command."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            lightning_main(argv)
+    except FileNotFoundError as exn:
+        # Missing shards or input files are the user's to fix: no traceback.
+        print(f"lightning-registers: error: {exn}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

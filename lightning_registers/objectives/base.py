@@ -1,0 +1,97 @@
+"""What every objective shares: the backbone in the hyperparameters, the optimizer with its
+warmup-cosine schedule, checkpointing of the objective's key metric, and the count of skipped
+samples."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+
+from ..data import skipped_in_batch
+from ..models import RegisterViT
+from .optim import build_optimizer, param_groups
+from .schedules import warmup_cosine_lr
+
+# Lets ``load_from_checkpoint`` rebuild the backbone from its saved config (class_path form).
+_INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+class ObjectiveModule(L.LightningModule):
+    """Base of the objectives. Subclasses call ``save_objective_hparams(backbone)`` in their
+    ``__init__``, implement ``make_transform(train)`` for the DataModule and set
+    ``monitor``: the validation metric that picks the best checkpoint (higher is better)."""
+
+    monitor: str = "val/loss"
+    monitor_mode: str = "max"
+
+    def save_objective_hparams(self, backbone: RegisterViT) -> None:
+        """Save the constructor arguments, the backbone as its class_path config."""
+        self.save_hyperparameters(ignore=["backbone"], frame=inspect.currentframe().f_back)
+        self.hparams["backbone"] = {
+            "class_path": f"{RegisterViT.__module__}.{RegisterViT.__name__}",
+            "init_args": dict(backbone.config),
+        }
+        self.hparams.setdefault("_instantiator", _INSTANTIATOR)
+        self.skipped_train = 0
+        self.skipped_val = 0
+
+    def make_transform(self, train: bool) -> Callable[[dict], dict]:
+        """The sample transform the DataModule applies for training or validation."""
+        raise NotImplementedError
+
+    def configure_callbacks(self) -> list[Callback]:
+        """``last.ckpt`` plus the best by ``monitor`` (replacing the Trainer's default
+        checkpointing unless it is off), and the learning rate when there is a logger."""
+        callbacks: list[Callback] = []
+        if self.trainer.checkpoint_callback is not None:
+            best = ModelCheckpoint(
+                monitor=self.monitor,
+                mode=self.monitor_mode,
+                filename="best-{epoch}-{step}",
+                auto_insert_metric_name=False,
+            )
+            # Lightning's save_last only follows saves of the best; this one always replaces.
+            latest = ModelCheckpoint(filename="last", enable_version_counter=False)
+            callbacks += [best, latest]
+        if self.trainer.loggers:
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+        return callbacks
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(
+            hp.optimizer, param_groups(self, hp.weight_decay), hp.lr, tuple(hp.betas), hp.eps
+        )
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("the schedule needs a finite run: set trainer.max_epochs or max_steps")
+        total = int(total)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else 1
+        warmup = int(hp.warmup_epochs * total / max(epochs, 1))
+        scheduler = warmup_cosine_lr(optimizer, total, warmup, hp.min_lr_ratio)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.skipped_train += skipped_in_batch(batch)
+        self.log(
+            "data/skipped_train",
+            float(self.skipped_train),
+            sync_dist=True,
+            reduce_fx="sum",
+            batch_size=1,
+        )
+
+    def on_validation_epoch_start(self) -> None:
+        self.skipped_val = 0
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx=0) -> None:
+        self.skipped_val += skipped_in_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("data/skipped_val", float(self.skipped_val), sync_dist=True, reduce_fx="sum")
