@@ -1,6 +1,7 @@
 """One LightningModule per objective."""
 
 from .base import ObjectiveModule
+from .clip import ClipModule
 from .supervised import SupervisedModule
 
-__all__ = ["ObjectiveModule", "SupervisedModule"]
+__all__ = ["ClipModule", "ObjectiveModule", "SupervisedModule"]

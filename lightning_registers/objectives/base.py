@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Callable
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from ..data import skipped_in_batch
@@ -95,3 +96,13 @@ class ObjectiveModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log("data/skipped_val", float(self.skipped_val), sync_dist=True, reduce_fx="sum")
+
+    def gather_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate ``tensor`` (N_rank, ...) of every rank, where N_rank may differ."""
+        if self.trainer.world_size == 1:
+            return tensor
+        sizes = self.all_gather(torch.tensor(len(tensor), device=tensor.device)).tolist()
+        padded = tensor.new_zeros(max(sizes), *tensor.shape[1:])
+        padded[: len(tensor)] = tensor
+        gathered = self.all_gather(padded)
+        return torch.cat([part[:n] for part, n in zip(gathered, sizes, strict=True)])

@@ -16,7 +16,7 @@ def no_decay_names(module: nn.Module) -> set[str]:
     [CLS], registers, mask token, logit scale)."""
     names = {name for name, p in module.named_parameters() if p.ndim <= 1}
     for prefix, sub in module.named_modules():
-        if sub is not module and hasattr(sub, "no_weight_decay"):
+        if hasattr(sub, "no_weight_decay"):
             names |= {f"{prefix}.{n}" if prefix else n for n in sub.no_weight_decay()}
     return names
 
