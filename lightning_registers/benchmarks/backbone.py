@@ -62,7 +62,7 @@ def _run_child(impl: str, num_registers: int, batch_size: int, steps: int) -> di
     return result
 
 
-def run(repeats: int = 3, batch_size: int = 32, steps: int = 3) -> list[str]:
+def run(repeats: int = 4, batch_size: int = 32, steps: int = 3) -> list[str]:
     """Markdown lines for BENCHMARKS.md."""
     lines = [
         "| registers | ours img/s | timm img/s | speed ratio (ours/timm) "
@@ -71,8 +71,9 @@ def run(repeats: int = 3, batch_size: int = 32, steps: int = 3) -> list[str]:
     ]
     for num_registers in (0, 4):
         results = {"ours": [], "timm": []}
-        for _ in range(repeats):
-            for impl in ("ours", "timm"):
+        for repeat in range(repeats):
+            # Swap the order every repeat so that neither model always runs first.
+            for impl in ("ours", "timm") if repeat % 2 == 0 else ("timm", "ours"):
                 results[impl].append(_run_child(impl, num_registers, batch_size, steps))
         speed = {k: max(r["images_per_s"] for r in v) for k, v in results.items()}
         memory = {k: min(r["step_memory_bytes"] for r in v) / 2**20 for k, v in results.items()}
@@ -85,7 +86,8 @@ def run(repeats: int = 3, batch_size: int = 32, steps: int = 3) -> list[str]:
         "## Backbone: RegisterViT vs timm VisionTransformer",
         "",
         f"vit_small, patch 16, 224 px, batch {batch_size}, float32 forward+backward on CPU; "
-        f"best of {repeats} alternating runs of {steps} steps each (after one warm-up step); "
+        f"best of {repeats} runs of {steps} steps each (after one warm-up step), alternating "
+        "the two models and swapping which goes first; "
         "memory is the peak resident memory of the step above the model's own.",
         "",
         *lines,

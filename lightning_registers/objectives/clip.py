@@ -33,7 +33,9 @@ def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks=(1, 5)) -> dict
     return out
 
 
-def zeroshot_accuracy(images: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor) -> float:
+def zeroshot_accuracy(
+    images: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
+) -> float:
     """Top-1 of normalized image features against a (dim, classes) zero-shot classifier, over
     the samples with a label (label >= 0)."""
     known = labels >= 0
@@ -100,9 +102,14 @@ class ClipModule(ObjectiveModule):
         self.backbone = backbone
         self.image_projection = nn.Linear(backbone.embed_dim, embed_dim, bias=False)
         nn.init.normal_(self.image_projection.weight, std=backbone.embed_dim**-0.5)
-        self.text = TextTransformer(context_length=context_length, vocab_size=vocab_size,
-                                    width=text_width, heads=text_heads, layers=text_layers,
-                                    output_dim=embed_dim)
+        self.text = TextTransformer(
+            context_length=context_length,
+            vocab_size=vocab_size,
+            width=text_width,
+            heads=text_heads,
+            layers=text_layers,
+            output_dim=embed_dim,
+        )
         if text_checkpoint:
             self.load_text_tower(text_checkpoint)
         self.logit_scale = nn.Parameter(torch.tensor(init_logit_scale))
@@ -128,8 +135,9 @@ class ClipModule(ObjectiveModule):
 
     def make_transform(self, train: bool):
         hp = self.hparams
-        return ClipTransform(hp.image_size, train=train, tokenizer=hp.tokenizer,
-                             context_length=hp.context_length)
+        return ClipTransform(
+            hp.image_size, train=train, tokenizer=hp.tokenizer, context_length=hp.context_length
+        )
 
     def setup(self, stage: str) -> None:
         self.configure_criterion(self.trainer.global_rank, self.trainer.world_size)
@@ -139,9 +147,12 @@ class ClipModule(ObjectiveModule):
         if self.hparams.loss == "siglip":
             self.criterion = SigLipLoss(rank=rank, world_size=world_size)
         else:
-            self.criterion = ClipLoss(local_loss=self.hparams.local_loss,
-                                      gather_with_grad=self.hparams.gather_with_grad,
-                                      rank=rank, world_size=world_size)
+            self.criterion = ClipLoss(
+                local_loss=self.hparams.local_loss,
+                gather_with_grad=self.hparams.gather_with_grad,
+                rank=rank,
+                world_size=world_size,
+            )
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         features = self.image_projection(self.backbone(images))
@@ -175,17 +186,23 @@ class ClipModule(ObjectiveModule):
         names = self.trainer.datamodule.class_names if self.trainer.datamodule else None
         self.zeroshot_weights = None
         if names:
-            tokenizer = get_tokenizer(self.hparams.tokenizer,
-                                      context_length=self.hparams.context_length)
+            tokenizer = get_tokenizer(
+                self.hparams.tokenizer, context_length=self.hparams.context_length
+            )
             self.zeroshot_weights = build_zero_shot_classifier(
-                self, tokenizer, names, SIMPLE_IMAGENET_TEMPLATES, device=self.device)
+                self, tokenizer, names, SIMPLE_IMAGENET_TEMPLATES, device=self.device
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_image_features.append(self.encode_image(batch["image"], normalize=True))
         self.val_text_features.append(self.encode_text(batch["text"], normalize=True))
         self.val_labels.append(batch["label"])
-        self.log("val/loss", self.contrastive_loss(batch["image"], batch["text"]),
-                 sync_dist=True, batch_size=len(batch["image"]))
+        self.log(
+            "val/loss",
+            self.contrastive_loss(batch["image"], batch["text"]),
+            sync_dist=True,
+            batch_size=len(batch["image"]),
+        )
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()

@@ -17,10 +17,18 @@ from lightning_registers.objectives.clip import retrieval_recall, zeroshot_accur
 
 def tiny_clip(**kwargs) -> ClipModule:
     torch.manual_seed(0)
-    backbone = RegisterViT("vit_tiny", img_size=16, patch_size=8, embed_dim=32, depth=1,
-                           num_heads=2, num_registers=2)
-    args = dict(num_classes=3, image_size=16, embed_dim=16, text_width=32, text_layers=1,
-                text_heads=2, context_length=12)
+    backbone = RegisterViT(
+        "vit_tiny", img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_registers=2
+    )
+    args = dict(
+        num_classes=3,
+        image_size=16,
+        embed_dim=16,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        context_length=12,
+    )
     args.update(kwargs)
     return ClipModule(backbone, **args)
 
@@ -63,8 +71,13 @@ def test_no_weight_decay_for_logit_scale_embeddings_and_registers():
     from lightning_registers.objectives.optim import no_decay_names
 
     names = no_decay_names(tiny_clip())
-    for name in ["logit_scale", "text.token_embedding.weight", "text.positional_embedding",
-                 "backbone.register_tokens", "backbone.pos_embed"]:
+    for name in [
+        "logit_scale",
+        "text.token_embedding.weight",
+        "text.positional_embedding",
+        "backbone.register_tokens",
+        "backbone.pos_embed",
+    ]:
         assert name in names
     assert "image_projection.weight" not in names and "text.text_projection" not in names
 
@@ -123,3 +136,24 @@ def test_retrieval_recall_by_hand():
     assert recall["image_to_text_r1"] == pytest.approx(1 / 3)
     assert recall["image_to_text_r2"] == pytest.approx(1.0)
     assert recall["text_to_image_r1"] == pytest.approx(1 / 3)
+
+
+def test_text_tower_initializes_from_an_open_clip_checkpoint_file(tmp_path):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(1)
+    reference = CLIP(
+        embed_dim=16,
+        vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
+        text_cfg=CLIPTextCfg(context_length=12, width=32, heads=2, layers=1),
+    ).eval()
+    path = tmp_path / "open_clip.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    m = tiny_clip(text_checkpoint=str(path)).eval()
+    _, texts = batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(m.encode_text(texts), reference.encode_text(texts))
+
+    torch.save({"token_embedding.weight": torch.zeros(49408, 32)}, path)
+    with pytest.raises(KeyError, match="ln_final"):
+        tiny_clip(text_checkpoint=str(path))

@@ -1,0 +1,30 @@
+"""The demo configs, run as `make demo` runs them, learn (slow: minutes each; `-m slow`)."""
+
+from pathlib import Path
+
+import pytest
+
+from lightning_registers.cli import lightning_main
+from lightning_registers.data import write_demo_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """The default demo shards (as `make demo` writes them) in a fresh working directory."""
+    work = tmp_path_factory.mktemp("demo_run")
+    write_demo_shards(work / "data" / "demo", progress=False)
+    return work
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "metric", "at_least"),
+    [("supervised", "val/top1", 0.4), ("clip", "val/zeroshot_top1", 0.3)],
+)
+def test_demo_config_learns_well_above_chance(config, metric, at_least, demo_dir, monkeypatch):
+    monkeypatch.chdir(demo_dir)
+    cli = lightning_main(["fit", "--config", str(ROOT / "configs" / "demo" / f"{config}.yaml")])
+    value = cli.trainer.callback_metrics[metric].item()
+    assert value >= at_least, f"{metric} = {value:.3f} (chance 0.10)"
