@@ -41,8 +41,9 @@ class RegistersCLI(LightningCLI):
             }
 
     def after_fit(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            log_dir = Path(self.trainer.log_dir)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
+        if self.trainer.is_global_zero and log_dir:
+            log_dir = Path(log_dir)
             print(f"\nrun directory: {log_dir}")
             print(f"checkpoints:   {log_dir / 'checkpoints'}")
             print(f"watch it with: tensorboard --logdir {log_dir.parent}")

@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from . import backbone, data
+from . import backbone, data, monitoring
 
-SECTIONS = {"backbone": backbone.run, "data": data.run}
+SECTIONS = {"backbone": backbone.run, "data": data.run, "monitoring": monitoring.run}
 
 
 def machine() -> str:

@@ -23,10 +23,12 @@ _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 class ObjectiveModule(L.LightningModule):
     """Base of the objectives. Subclasses call ``save_objective_hparams(backbone)`` in their
     ``__init__``, implement ``make_transform(train)`` for the DataModule and set
-    ``monitor``: the validation metric that picks the best checkpoint (higher is better)."""
+    ``monitor``: the validation metric that picks the best checkpoint (higher is better).
+    Objectives that mask patches set ``uses_mask_token``; for the others it is frozen."""
 
     monitor: str = "val/loss"
     monitor_mode: str = "max"
+    uses_mask_token: bool = False
 
     def save_objective_hparams(self, backbone: RegisterViT) -> None:
         """Save the constructor arguments, the backbone as its class_path config."""
@@ -36,8 +38,15 @@ class ObjectiveModule(L.LightningModule):
             "init_args": dict(backbone.config),
         }
         self.hparams.setdefault("_instantiator", _INSTANTIATOR)
+        if not self.uses_mask_token:
+            # DDP wants every trainable parameter to take part in the loss.
+            backbone.mask_token.requires_grad_(False)
         self.skipped_train = 0
         self.skipped_val = 0
+
+    def monitored_backbones(self) -> dict[str, RegisterViT]:
+        """The backbones the monitoring callbacks watch, by name."""
+        return {"backbone": self.backbone}
 
     def make_transform(self, train: bool) -> Callable[[dict], dict]:
         """The sample transform the DataModule applies for training or validation."""

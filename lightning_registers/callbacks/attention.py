@@ -1,0 +1,78 @@
+"""Attention maps of [CLS] and of each register over the patches (paper Fig. 9, 14)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .figures import display_images, grid, overlay, save_grid_png
+from .probe import ProbeCallback
+
+
+def query_names(num_registers: int) -> list[str]:
+    return ["cls"] + [f"reg{i}" for i in range(num_registers)]
+
+
+def prefix_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Last-block attention of [CLS] and each register over the patch tokens, reshaped to the
+    patch grid: (B, heads, 1 + R, h, w)."""
+    attention = backbone.get_last_self_attention(images).float()
+    r = backbone.num_prefix_tokens
+    grid_size = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
+    return attention[:, :, :r, r:].reshape(*attention.shape[:2], r, *grid_size)
+
+
+class AttentionMapMonitor(ProbeCallback):
+    """Last-block attention of [CLS] and of each register over the patches, drawn as heat maps
+    over the probe images (each map on its own colour scale).
+
+    Logged per watched backbone NAME: ``attention/NAME/mean`` (a row per image: the image, then
+    the head-mean map of [CLS] and of each register) and ``attention/NAME/heads_QUERY`` for
+    QUERY in ``cls``, ``reg0``, ... (a row per image, a column per head).
+
+    Args:
+        every_n_steps: cadence in optimizer steps.
+        n_images: probe images drawn (the probe batch).
+        save_png: also write the figures as PNG files under ``<run dir>/figures/``.
+    """
+
+    def __init__(self, every_n_steps: int = 500, n_images: int = 4, save_png: bool = False):
+        super().__init__(every_n_steps, n_images, save_png)
+        self.n_images = n_images
+
+    def measure(self, backbone: nn.Module, images: torch.Tensor) -> dict:
+        attention = prefix_attention(backbone, images[: self.n_images])
+        return {"attention": attention, "queries": query_names(backbone.num_registers)}
+
+    def grids(self, result: dict, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, list]]:
+        """The images to draw, by tag suffix: (grid, column titles)."""
+        attention, queries = result["attention"], result["queries"]
+        images = images[: len(attention)]
+        mean = attention.mean(dim=1)
+        columns = [display_images(images)] + [
+            overlay(images, mean[:, q]) for q in range(len(queries))
+        ]
+        out = {"mean": (grid(columns), ["image", *queries])}
+        heads = range(attention.shape[1])
+        for q, query in enumerate(queries):
+            columns = [overlay(images, attention[:, h, q]) for h in heads]
+            out[f"heads_{query}"] = (grid(columns), [f"head {h}" for h in heads])
+        return out
+
+    def report(self, writer, name: str, result: dict, images: torch.Tensor, step: int) -> None:
+        for suffix, (image, _) in self.grids(result, images).items():
+            writer.add_image(f"attention/{name}/{suffix}", image, step)
+
+    def save_figures(self, out_dir: str | Path, step: int | None = None) -> list[Path]:
+        """Per backbone and grid: a PNG of the attention maps."""
+        out_dir = Path(out_dir)
+        paths = []
+        for name, result in self.results.items():
+            step = result["step"] if step is None else step
+            for suffix, (image, titles) in self.grids(result, self.probe).items():
+                path = out_dir / f"attention_{suffix}_{name}_step{step:07d}.png"
+                title = f"{name}, step {step}: last-block attention ({suffix})"
+                paths.append(save_grid_png(image, titles, path, title))
+        return paths

@@ -1,0 +1,211 @@
+"""Token-norm monitoring: where high-norm artifact tokens appear (paper Fig. 3, 4, 5b)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .figures import (
+    display_images,
+    grid,
+    heatmaps,
+    save_grid_png,
+    save_norm_histograms_png,
+    save_share_by_layer_png,
+)
+from .probe import ProbeCallback, monitored_backbones
+
+TOKEN_KINDS = ("cls", "registers", "patches")
+OUTPUT = "output"
+
+
+def layer_name(index: int) -> str:
+    return f"block{index:02d}"
+
+
+def token_norms(
+    backbone: nn.Module, images: torch.Tensor, blocks: Sequence[int]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """L2 norms of the tokens after each listed block (the residual stream) and of the final
+    normalized output, split by kind: ``{layer: {"cls": (B,), "registers": (B, R),
+    "patches": (B, N)}}`` with layers named ``blockNN`` and ``output``."""
+    depth = backbone.depth
+    wanted = sorted({i % depth for i in blocks})
+    indices = sorted(set(wanted) | {depth - 1})
+    outputs = dict(zip(indices, backbone.get_block_outputs(images, indices), strict=True))
+    streams = {layer_name(i): outputs[i] for i in wanted}
+    streams[OUTPUT] = backbone.norm(outputs[depth - 1])
+    r = backbone.num_prefix_tokens
+    result = {}
+    for layer, tokens in streams.items():
+        norms = tokens.float().norm(dim=-1)
+        result[layer] = {"cls": norms[:, 0], "registers": norms[:, 1:r], "patches": norms[:, r:]}
+    return result
+
+
+def high_norm_stats(
+    patch_norms: torch.Tensor, threshold: float, relative_threshold: float
+) -> dict[str, float]:
+    """Scalars of one layer's patch-token norms: the share above the absolute ``threshold``, the
+    share above ``relative_threshold`` times the median norm, and max over median."""
+    flat = patch_norms.flatten().float()
+    median = flat.median()
+    return {
+        "high_norm_share": (flat > threshold).float().mean().item(),
+        "high_norm_share_relative": (flat > relative_threshold * median).float().mean().item(),
+        "max_over_median": (flat.max() / median.clamp_min(1e-12)).item(),
+        "median": median.item(),
+        "max": flat.max().item(),
+    }
+
+
+class TokenNormMonitor(ProbeCallback):
+    """Token norms on a fixed probe batch, per layer and token kind, in TensorBoard.
+
+    Logged per watched backbone NAME (``backbone``; DINO: ``student`` and ``teacher``) and
+    LAYER (``blockNN``: the residual stream after block NN; ``output``: the final normalized
+    tokens):
+
+    - histograms ``token_norms/NAME/LAYER/{cls,registers,patches}``;
+    - scalars ``artifacts/NAME/LAYER/high_norm_share`` (patch tokens with norm above
+      ``threshold``, the paper's 150), ``.../high_norm_share_relative`` (above
+      ``relative_threshold`` times the median patch norm of that layer on the probe batch: a
+      scale-free rule that judges small models with other norm scales fairly; 3 x median
+      equals 150 for the paper's typical normal-token norm of 50) and ``.../max_over_median``;
+    - images ``norm_maps/NAME``: each probe image beside its per-patch norm map at each of
+      ``map_layers`` (one colour scale per layer).
+
+    Args:
+        every_n_steps: cadence in optimizer steps.
+        layers: block indices to watch (negative from the end); default every block. The
+            final normalized output is always watched.
+        threshold: absolute norm threshold of a high-norm token.
+        relative_threshold: factor of the median norm for the scale-free rule.
+        probe_size: validation images in the probe batch.
+        n_images: probe images drawn in the norm-map grid.
+        map_layers: layers drawn as norm maps.
+        save_png: also write the figures as PNG files under ``<run dir>/figures/``.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        layers: list[int] | None = None,
+        threshold: float = 150.0,
+        relative_threshold: float = 3.0,
+        probe_size: int = 16,
+        n_images: int = 4,
+        map_layers: list[str] | None = None,
+        save_png: bool = False,
+    ) -> None:
+        super().__init__(every_n_steps, probe_size, save_png)
+        self.layers = layers
+        self.threshold = threshold
+        self.relative_threshold = relative_threshold
+        self.n_images = n_images
+        self.map_layers = map_layers or [OUTPUT]
+        self.subscribers: list[Callable[[int, str, dict], None]] = []
+        """Called as ``f(step, name, result)`` after each measurement (ArtifactEmergence)."""
+
+    def layer_names(self, depth: int) -> list[str]:
+        """The layers watched in a backbone of ``depth`` blocks."""
+        self._check_layers(depth)
+        blocks = range(depth) if self.layers is None else sorted({i % depth for i in self.layers})
+        return [layer_name(i) for i in blocks] + [OUTPUT]
+
+    def _check_layers(self, depth: int) -> None:
+        bad = [i for i in self.layers or [] if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"TokenNormMonitor.layers {bad} out of range for depth {depth}")
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for backbone in monitored_backbones(pl_module).values():
+            names = self.layer_names(backbone.depth)
+            unknown = [layer for layer in self.map_layers if layer not in names]
+            if unknown:
+                raise ValueError(
+                    f"TokenNormMonitor.map_layers {unknown} are not watched layers {names}"
+                )
+
+    def measure(self, backbone: nn.Module, images: torch.Tensor) -> dict:
+        blocks = range(backbone.depth) if self.layers is None else self.layers
+        self._check_layers(backbone.depth)
+        norms = token_norms(backbone, images, blocks)
+        stats = {
+            layer: high_norm_stats(kinds["patches"], self.threshold, self.relative_threshold)
+            for layer, kinds in norms.items()
+        }
+        grid_size = (
+            images.shape[-2] // backbone.patch_size,
+            images.shape[-1] // backbone.patch_size,
+        )
+        return {"norms": norms, "stats": stats, "grid": grid_size}
+
+    def run(self, pl_module, step: int, writer=None) -> dict[str, dict]:
+        results = super().run(pl_module, step, writer)
+        for name, result in results.items():
+            for subscriber in self.subscribers:
+                subscriber(step, name, result)
+        return results
+
+    def report(self, writer, name: str, result: dict, images: torch.Tensor, step: int) -> None:
+        for layer, kinds in result["norms"].items():
+            for kind in TOKEN_KINDS:
+                if kinds[kind].numel():
+                    writer.add_histogram(f"token_norms/{name}/{layer}/{kind}", kinds[kind], step)
+            for key in ("high_norm_share", "high_norm_share_relative", "max_over_median"):
+                writer.add_scalar(
+                    f"artifacts/{name}/{layer}/{key}", result["stats"][layer][key], step
+                )
+        writer.add_image(f"norm_maps/{name}", self.norm_map_grid(result, images), step)
+
+    def norm_map_grid(self, result: dict, images: torch.Tensor) -> torch.Tensor:
+        """Probe images beside their patch-norm maps at each of ``map_layers``."""
+        shown = display_images(images[: self.n_images])
+        columns = [shown]
+        for layer in self.map_layers:
+            patches = result["norms"][layer]["patches"]
+            maps = patches.reshape(len(patches), *result["grid"])
+            scale = dict(vmin=patches.min().item(), vmax=patches.max().item())
+            columns.append(heatmaps(maps[: self.n_images], shown.shape[-2:], **scale))
+        return grid(columns)
+
+    def save_figures(self, out_dir: str | Path, step: int | None = None) -> list[Path]:
+        """Per backbone: norm histograms per layer, high-norm share by layer, norm maps."""
+        out_dir = Path(out_dir)
+        paths = []
+        for name, result in self.results.items():
+            step = result["step"] if step is None else step
+            stem = f"{name}_step{step:07d}"
+            patch_norms = {layer: kinds["patches"] for layer, kinds in result["norms"].items()}
+            title = f"{name}, step {step}: patch-token norms"
+            paths.append(
+                save_norm_histograms_png(
+                    patch_norms, self.threshold, out_dir / f"norm_hist_{stem}.png", title
+                )
+            )
+            shares = {
+                f"norm > {self.threshold:g}": {
+                    layer: s["high_norm_share"] for layer, s in result["stats"].items()
+                },
+                f"norm > {self.relative_threshold:g} x median": {
+                    layer: s["high_norm_share_relative"] for layer, s in result["stats"].items()
+                },
+            }
+            paths.append(
+                save_share_by_layer_png(
+                    shares, out_dir / f"high_norm_share_{stem}.png", f"{name}, step {step}"
+                )
+            )
+            paths.append(
+                save_grid_png(
+                    self.norm_map_grid(result, self.probe),
+                    ["image", *self.map_layers],
+                    out_dir / f"norm_maps_{stem}.png",
+                    f"{name}, step {step}: patch-token norms",
+                )
+            )
+        return paths

@@ -1,0 +1,179 @@
+"""What the monitoring callbacks share: a fixed probe batch from validation data, the backbones
+to watch, a forward that leaves training untouched, and rank-0 TensorBoard logging."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+
+def monitored_backbones(pl_module: L.LightningModule) -> dict[str, nn.Module]:
+    """The RegisterViTs to watch, by name: the module's ``monitored_backbones()`` (DINO: student
+    and teacher), else its ``backbone`` attribute."""
+    if hasattr(pl_module, "monitored_backbones"):
+        return dict(pl_module.monitored_backbones())
+    if isinstance(getattr(pl_module, "backbone", None), nn.Module):
+        return {"backbone": pl_module.backbone}
+    raise AttributeError(
+        f"{type(pl_module).__name__} has neither monitored_backbones() nor a backbone to monitor"
+    )
+
+
+@contextmanager
+def unsharded(module: nn.Module) -> Iterator[None]:
+    """Gather FSDP2-sharded parameters for plain method calls (collective: every rank enters)."""
+    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in fsdp:
+            m.reshard()
+
+
+@contextmanager
+def preserved_rng(device: torch.device) -> Iterator[None]:
+    """Afterwards the torch (and ``device``'s CUDA), Python and NumPy random states are as they
+    were, so that monitoring never changes the training run."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@contextmanager
+def probing(module: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, gathered parameters and preserved random states for a probe
+    forward; afterwards every submodule's training flag is as it was."""
+    modes = {m: m.training for m in module.modules()}
+    device = next(module.parameters()).device
+    try:
+        with preserved_rng(device), torch.no_grad(), unsharded(module):
+            module.eval()
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def collect_probe_images(trainer: L.Trainer, n: int) -> torch.Tensor:
+    """The first ``n`` validation images (fewer if validation has fewer), as the validation
+    loader yields them; rank 0's images are broadcast so that every rank probes the same."""
+    datamodule = trainer.datamodule
+    loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if loader else None
+    if loader is None:
+        raise ValueError("the monitoring callbacks take their probe images from validation data")
+    images = []
+    for batch in loader:
+        batch_images = batch["image"] if isinstance(batch, dict) else batch[0]
+        images.append(batch_images[: n - sum(len(x) for x in images)])
+        if sum(len(x) for x in images) >= n:
+            break
+    if not images:
+        raise ValueError("the validation data yielded no probe images for monitoring")
+    return trainer.strategy.broadcast(torch.cat(images), src=0)
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run directory as rank 0 sees it, without the collective of ``trainer.log_dir``."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    return Path(logger.log_dir if isinstance(logger, TensorBoardLogger) else logger.save_dir)
+
+
+def tensorboard(trainer: L.Trainer):
+    """The TensorBoard SummaryWriter of the run on global rank 0, else None."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+class ProbeCallback(Callback):
+    """Base of the monitors: every ``every_n_steps`` optimizer steps (and once before the first)
+    it runs ``measure`` on the probe batch for each watched backbone on every rank, and
+    ``report`` on rank 0.
+
+    Args:
+        every_n_steps: cadence in optimizer steps.
+        probe_size: validation images in the probe batch.
+        save_png: also write the figures as PNG files under ``<run dir>/figures/`` at each check.
+    """
+
+    def __init__(self, every_n_steps: int, probe_size: int, save_png: bool = False) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        if probe_size < 1:
+            raise ValueError(f"probe_size must be >= 1, got {probe_size}")
+        self.every_n_steps = every_n_steps
+        self.probe_size = probe_size
+        self.save_png = save_png
+        self.probe: torch.Tensor | None = None
+        self.last_checked_step: int | None = None
+        self.results: dict[str, dict] = {}
+        """The latest measurement of each backbone, by name."""
+
+    def measure(self, backbone: nn.Module, images: torch.Tensor) -> dict:
+        """What this monitor computes on the probe batch (runs on every rank)."""
+        raise NotImplementedError
+
+    def report(self, writer, name: str, result: dict, images: torch.Tensor, step: int) -> None:
+        """Log ``result`` of backbone ``name`` to TensorBoard (rank 0, writer may be None)."""
+        raise NotImplementedError
+
+    def save_figures(self, out_dir: str | Path, step: int | None = None) -> list[Path]:
+        """Write the latest results as PNG files (matplotlib) under ``out_dir``."""
+        raise NotImplementedError
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self.check(trainer, pl_module)
+
+    def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Measure and report at the current global step (once per step)."""
+        step = trainer.global_step
+        if step == self.last_checked_step:
+            return
+        self.last_checked_step = step
+        if self.probe is None:
+            with preserved_rng(pl_module.device):
+                self.probe = collect_probe_images(trainer, self.probe_size).cpu()
+        self.run(pl_module, step, tensorboard(trainer))
+        if self.save_png and trainer.is_global_zero:
+            self.save_figures(run_dir(trainer) / "figures", step)
+
+    def run(self, pl_module: L.LightningModule, step: int, writer=None) -> dict[str, dict]:
+        """Measure every watched backbone on the probe batch and report to ``writer``."""
+        backbones = monitored_backbones(pl_module)
+        images = self.probe.to(pl_module.device)
+        for name, backbone in backbones.items():
+            with probing(backbone):
+                dtype = next(backbone.parameters()).dtype
+                self.results[name] = self.measure(backbone, images.to(dtype))
+            self.results[name]["step"] = step
+            if writer is not None:
+                self.report(writer, name, self.results[name], self.probe, step)
+        return self.results
