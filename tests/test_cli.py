@@ -16,11 +16,24 @@ OBJECTIVE_CONFIGS = [c for c in CONFIGS if c.parent.name != "trainer"]
 TRAINER_FRAGMENTS = [c for c in CONFIGS if c.parent.name == "trainer"]
 
 
-def tiny_overrides(tmp_path, demo_shards, **data) -> Path:
+DINO_TINY = {
+    "local_crop_size": 16,
+    "num_local_crops": 2,
+    "n_prototypes": 32,
+    "head_hidden_dim": 32,
+    "head_bottleneck_dim": 16,
+    "knn_train_samples": 16,
+    "linear_probe_steps": 5,
+}
+
+
+def tiny_overrides(tmp_path, demo_shards, config_file: Path | None = None, **data) -> Path:
     """A config that shrinks any objective config to a tiny model on the test demo shards."""
+    is_dino = config_file is not None and "DinoModule" in config_file.read_text()
     config = {
         "model": {
             "init_args": {
+                **(DINO_TINY if is_dino else {}),
                 "backbone": {
                     "init_args": {
                         "arch": "vit_tiny",
@@ -29,7 +42,7 @@ def tiny_overrides(tmp_path, demo_shards, **data) -> Path:
                         "num_heads": 2,
                         "patch_size": 8,
                     }
-                }
+                },
             }
         },
         "data": {
@@ -57,7 +70,7 @@ def test_every_objective_config_runs_a_fast_dev_run(config, tmp_path, demo_shard
             "--config",
             str(config),
             "--config",
-            str(tiny_overrides(tmp_path, demo_shards)),
+            str(tiny_overrides(tmp_path, demo_shards, config)),
             "--trainer.fast_dev_run=1",
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",

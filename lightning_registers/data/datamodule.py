@@ -133,6 +133,14 @@ class ShardDataModule(L.LightningDataModule):
             raise ValueError("no val_urls configured: set data.val_urls to validate")
         return ShardStream(self.val_shards, transform, train=False)
 
+    def train_eval_dataloader(self, transform: Transform) -> DataLoader:
+        """The training shards read once in order through an evaluation ``transform`` (the
+        reference set of k-NN and linear probes), split by rank and worker like validation."""
+        if not self.train_shards:
+            raise ValueError("no train_urls configured: set data.train_urls")
+        dataset = ShardStream(self.train_shards, transform, train=False)
+        return self._loader(dataset, self.val_batch_size)
+
     def train_dataloader(self, transform: Transform | None = None) -> DataLoader:
         dataset = self.train_dataset(transform or self._transform(train=True))
         return self._loader(dataset, self.batch_size)

@@ -117,6 +117,7 @@ class RegisterViT(nn.Module):
         qkv_bias: bias in the query/key/value projection.
         layerscale_init: LayerScale initial value; None disables LayerScale.
         drop_path_rate: stochastic-depth rate of the last block (linear from 0 over depth).
+        drop_path_uniform: the same stochastic-depth rate in every block (DINOv2's ViT-L/g).
         norm_eps: LayerNorm epsilon (1e-6 as DINOv2/timm; OpenCLIP uses 1e-5).
         pre_norm: a LayerNorm after the position embedding (OpenCLIP's ``ln_pre``).
         in_chans: input channels.
@@ -140,6 +141,7 @@ class RegisterViT(nn.Module):
         qkv_bias: bool = True,
         layerscale_init: float | None = None,
         drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
         norm_eps: float = 1e-6,
         pre_norm: bool = False,
         in_chans: int = 3,
@@ -174,6 +176,7 @@ class RegisterViT(nn.Module):
             qkv_bias=qkv_bias,
             layerscale_init=layerscale_init,
             drop_path_rate=drop_path_rate,
+            drop_path_uniform=drop_path_uniform,
             norm_eps=norm_eps,
             pre_norm=pre_norm,
             in_chans=in_chans,
@@ -221,7 +224,10 @@ class RegisterViT(nn.Module):
             layerscale_init=layerscale_init,
             norm_eps=norm_eps,
         )
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        if drop_path_uniform:
+            rates = [drop_path_rate] * depth
+        else:
+            rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(block(drop_path=rate) for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.init_weights()

@@ -56,6 +56,7 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
             },
             out,
         )
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

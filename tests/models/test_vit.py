@@ -139,3 +139,11 @@ def test_unknown_arch_and_ffn_are_refused():
         RegisterViT("vit_huge_typo")
     with pytest.raises(ValueError, match="ffn"):
         tiny(ffn="geglu")
+
+
+def test_stochastic_depth_is_linear_over_depth_or_uniform():
+    linear = tiny(depth=3, drop_path_rate=0.2)
+    uniform = tiny(depth=3, drop_path_rate=0.2, drop_path_uniform=True)
+    assert isinstance(linear.blocks[0].drop_path1, torch.nn.Identity)
+    assert [b.drop_path1.drop_prob for b in linear.blocks[1:]] == pytest.approx([0.1, 0.2])
+    assert [b.drop_path2.drop_prob for b in uniform.blocks] == pytest.approx([0.2] * 3)

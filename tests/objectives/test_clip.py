@@ -102,6 +102,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.all_reduce(loss.detach())
     if rank == 0:
         torch.save({"loss": loss.detach() / world, "grads": grads / world}, out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
