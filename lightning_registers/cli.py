@@ -1,7 +1,8 @@
 """The ``lightning-registers`` command.
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI's, configured by YAML files
-(``--config``, several merge in order); ``shards`` writes webdataset shards.
+(``--config``, several merge in order); ``shards`` writes webdataset shards; ``export`` writes a
+checkpoint's backbone as one file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ class RegistersCLI(LightningCLI):
             default="default",
             help="run name: TensorBoard runs go to runs/<experiment>/version_N",
         )
+        parser.add_argument(
+            "--version",
+            type=int | None,
+            default=None,
+            help="run version to write to (default: the next free one, or the run that "
+            "--ckpt_path belongs to, so that a resumed run continues in the same directory)",
+        )
         parser.link_arguments("data.image_size", "model.init_args.image_size")
         parser.link_arguments("data.image_size", "model.init_args.backbone.init_args.img_size")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes")
@@ -35,9 +43,12 @@ class RegistersCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True):
+            version = config.version
+            if version is None:
+                version = run_version(config.get("ckpt_path"), config.experiment)
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": RUNS_DIR, "name": config.experiment},
+                "init_args": {"save_dir": RUNS_DIR, "name": config.experiment, "version": version},
             }
 
     def after_fit(self) -> None:
@@ -47,6 +58,19 @@ class RegistersCLI(LightningCLI):
             print(f"\nrun directory: {log_dir}")
             print(f"checkpoints:   {log_dir / 'checkpoints'}")
             print(f"watch it with: tensorboard --logdir {log_dir.parent}")
+
+
+def run_version(ckpt_path: str | None, experiment: str) -> int | None:
+    """N when ``ckpt_path`` lies in ``runs/<experiment>/version_N/``, else None."""
+    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+        return None
+    parts = Path(ckpt_path).resolve().parts
+    base = Path(RUNS_DIR, experiment).resolve().parts
+    if parts[: len(base)] == base and len(parts) > len(base):
+        version = parts[len(base)]
+        if version.startswith("version_") and version[8:].isdigit():
+            return int(version[8:])
+    return None
 
 
 def lightning_main(args: list[str] | None = None) -> RegistersCLI:
@@ -122,7 +146,27 @@ def shards_main(args: list[str]) -> None:
     print(summary)
 
 
-COMMANDS = {"shards": shards_main}
+def export_main(args: list[str]) -> None:
+    """``lightning-registers export CHECKPOINT --out FILE``."""
+    from .objectives.checkpoint import EXPORT_LAYOUTS, export_backbone
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-registers export",
+        description="Write a checkpoint's backbone (single file or sharded FSDP2 directory) as "
+        "one consolidated file for inference and analysis.",
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file or a sharded checkpoint directory")
+    parser.add_argument("--out", required=True, help="output file (.pt)")
+    parser.add_argument(
+        "--part", default=None, help="which backbone: student or teacher (DINO; default teacher)"
+    )
+    parser.add_argument("--layout", default="ours", choices=EXPORT_LAYOUTS)
+    opts = parser.parse_args(args)
+    out = export_backbone(opts.checkpoint, opts.out, opts.part, opts.layout)
+    print(f"wrote {out}")
+
+
+COMMANDS = {"shards": shards_main, "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,6 +33,10 @@ def monitored_backbones(pl_module: L.LightningModule) -> dict[str, nn.Module]:
 def unsharded(module: nn.Module) -> Iterator[None]:
     """Gather FSDP2-sharded parameters for plain method calls (collective: every rank enters)."""
     fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if isinstance(module, FSDPModule):
+        # Before the module's first forward, a block called on its own would take itself for
+        # the FSDP root; settle the root first (what the first forward would do).
+        module._get_fsdp_state()._lazy_init()
     for m in fsdp:
         m.unshard()
     try:

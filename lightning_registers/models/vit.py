@@ -336,9 +336,14 @@ class RegisterViT(nn.Module):
             "masks": masks,
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The normalized [CLS] token, (B, D)."""
-        return self.forward_features(x)["x_norm_clstoken"]
+    def forward(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, return_features: bool = False
+    ) -> torch.Tensor | dict:
+        """The normalized [CLS] token, (B, D); with ``return_features`` the whole
+        ``forward_features`` dict (the call that FSDP2 hooks gather parameters for, so training
+        code calls the module rather than ``forward_features``)."""
+        features = self.forward_features(x, masks)
+        return features if return_features else features["x_norm_clstoken"]
 
     def _block_indices(self, n: int | Sequence[int]) -> list[int]:
         indices = list(range(self.depth - n, self.depth)) if isinstance(n, int) else list(n)

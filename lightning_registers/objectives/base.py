@@ -9,10 +9,16 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from open_clip.transformer import ResidualAttentionBlock
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..data import skipped_in_batch
 from ..models import RegisterViT
+from ..models.vit import Block
 from .optim import build_optimizer, param_groups
 from .schedules import warmup_cosine_lr
 
@@ -69,6 +75,36 @@ class ObjectiveModule(L.LightningModule):
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
         return callbacks
+
+    def fsdp_units(self) -> list[nn.Module]:
+        """Modules FSDP2 shards one by one, inner before outer: every transformer block, then
+        every child module the objective calls (parameters are gathered when a unit's forward
+        runs, so objectives call these modules rather than their other methods)."""
+        units = [m for m in self.modules() if isinstance(m, Block | ResidualAttentionBlock)]
+        for child in self.children():
+            parts = child.values() if isinstance(child, nn.ModuleDict) else [child]
+            units += [m for m in parts if any(True for _ in m.parameters())]
+        return units
+
+    def configure_model(self) -> None:
+        """FSDP2 under ModelParallelStrategy: ``fully_shard`` each unit of ``fsdp_units``.
+        Parameters held by the module itself stay replicated; their gradients are averaged
+        across ranks before each optimizer step."""
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if any(isinstance(m, FSDPModule) for m in self.modules()):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for unit in self.fsdp_units():
+            fully_shard(unit, mesh=mesh)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        for param in self.parameters(recurse=False):
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= self.trainer.world_size
 
     def configure_optimizers(self):
         hp = self.hparams

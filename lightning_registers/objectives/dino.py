@@ -7,6 +7,7 @@ import re
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..data import EvalTransform, MultiCropTransform
 from ..models import RegisterViT
@@ -271,6 +272,9 @@ class DinoModule(ObjectiveModule):
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
         """EMA of the student into the teacher, parameter by parameter (shard by shard)."""
+        for module in self.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # an FSDP2 root keeps its gathered parameters after forward
         student, teacher = [], []
         for name, module in self.student_modules().items():
             student += list(module.parameters())
@@ -292,7 +296,7 @@ class DinoModule(ObjectiveModule):
         masks = batch["masks"].transpose(0, 1).flatten(0, 1)
         ibot_student_head = self.ibot_head or self.dino_head
         with torch.no_grad():
-            out = self.teacher["backbone"].forward_features(global_crops)
+            out = self.teacher["backbone"](global_crops, return_features=True)
             teacher_ibot_head = (
                 self.teacher["ibot_head"] if self.ibot_head else self.teacher["dino_head"]
             )
@@ -302,7 +306,7 @@ class DinoModule(ObjectiveModule):
             t_dino = self.teacher_targets(t_dino, teacher_temp, "dino_center")
             t_ibot = self.teacher_targets(t_ibot, teacher_temp, "ibot_center", n_masked)
 
-        out = self.backbone.forward_features(global_crops, masks=masks)
+        out = self.backbone(global_crops, masks, return_features=True)
         student = list(self.dino_head(out["x_norm_clstoken"]).chunk(n_global))
         if batch["local_crops"].numel():
             local = batch["local_crops"].transpose(0, 1).flatten(0, 1)

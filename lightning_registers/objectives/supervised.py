@@ -96,7 +96,7 @@ class SupervisedModule(ObjectiveModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits."""
-        features = self.backbone.forward_features(images)
+        features = self.backbone(images, return_features=True)
         pooled = features["x_norm_clstoken"]
         if self.hparams.head_pool == "cls+mean":
             pooled = torch.cat([pooled, features["x_norm_patchtokens"].mean(dim=1)], dim=-1)

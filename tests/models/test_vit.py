@@ -147,3 +147,16 @@ def test_stochastic_depth_is_linear_over_depth_or_uniform():
     assert isinstance(linear.blocks[0].drop_path1, torch.nn.Identity)
     assert [b.drop_path1.drop_prob for b in linear.blocks[1:]] == pytest.approx([0.1, 0.2])
     assert [b.drop_path2.drop_prob for b in uniform.blocks] == pytest.approx([0.2] * 3)
+
+
+def test_forward_returns_the_features_dict_on_request():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[:, 3] = True
+    with torch.no_grad():
+        features = model(x, masks, return_features=True)
+        expected = model.forward_features(x, masks)
+        cls = model(x)
+    torch.testing.assert_close(features["x_norm_patchtokens"], expected["x_norm_patchtokens"])
+    torch.testing.assert_close(cls, model.forward_features(x)["x_norm_clstoken"])

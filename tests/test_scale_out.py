@@ -1,0 +1,124 @@
+"""DDP and FSDP2 across 2 gloo processes through the CLI; sharded checkpoints load, export and
+resume."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from recorder import probe_images
+
+from lightning_registers.models import RegisterViT
+from lightning_registers.objectives import load_objective
+from lightning_registers.objectives.checkpoint import exported_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {
+    "backbone": {"init_args": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
+}
+PER_OBJECTIVE = {
+    "supervised": {},
+    "clip": {"text_width": 32, "text_layers": 1, "text_heads": 2, "embed_dim": 32},
+    "dino": {
+        "local_crop_size": 16,
+        "num_local_crops": 2,
+        "n_prototypes": 64,
+        "head_hidden_dim": 48,
+        "head_bottleneck_dim": 16,
+        "knn_train_samples": 32,
+        "linear_probe_steps": 10,
+    },
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
+    """``lightning-registers fit`` of the demo config, shrunk, on 2 CPU processes."""
+    override = {
+        "trainer": {"callbacks": [
+            {"class_path": "recorder.RecordOutputs",
+             "init_args": {"path": str(tmp_path / "out.pt")}},
+        ]},
+        "model": {"init_args": {**TINY_MODEL, **PER_OBJECTIVE[objective]}},
+        "data": {
+            "train_urls": str(demo_shards / "train" / "*.tar"),
+            "val_urls": str(demo_shards / "val" / "*.tar"),
+            "image_size": 32, "batch_size": 4, "num_workers": 0, "samples_per_epoch": 16,
+        },
+    }  # fmt: skip
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    fragment = {"ddp": [], "fsdp": ["--config", str(ROOT / "configs/trainer/fsdp.yaml")]}[strategy]
+    command = [
+        sys.executable, "-m", "lightning_registers.cli", "fit", *fragment,
+        "--config", str(ROOT / f"configs/demo/{objective}.yaml"), "--config", str(path),
+        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false", "--experiment=run", *extra,
+    ]  # fmt: skip
+    if strategy == "ddp":
+        command.append("--trainer.strategy=ddp")
+    else:
+        command.append("--trainer.strategy.init_args.process_group_backend=gloo")
+    env = {
+        **os.environ,
+        "MASTER_PORT": str(_free_port()),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=400, env=env
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp_path / "runs" / "run" / "version_0"
+
+
+def test_clip_trains_under_two_process_ddp(tmp_path, demo_shards):
+    run = run_cli(tmp_path, demo_shards, "clip", "ddp", "--trainer.max_epochs=1")
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] == 2  # 16 samples over 2 ranks of batch 4
+    module = load_objective(run / "checkpoints" / "last.ckpt")
+    with torch.no_grad():
+        output = exported_backbone(module)(probe_images())
+    torch.testing.assert_close(output, torch.load(tmp_path / "out.pt")["output"])
+
+
+@pytest.mark.parametrize("objective", ["supervised", "clip", "dino"])
+def test_fsdp2_run_saves_sharded_checkpoints_that_load_export_and_resume(
+    objective, tmp_path, demo_shards
+):
+    run = run_cli(tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=2")
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard a rank
+    recorded = torch.load(tmp_path / "out.pt")["output"]
+
+    module = load_objective(last)  # one process, no process group
+    with torch.no_grad():
+        torch.testing.assert_close(exported_backbone(module)(probe_images()), recorded)
+
+    exported = tmp_path / "backbone.pt"
+    subprocess.run(
+        [sys.executable, "-m", "lightning_registers.cli", "export", str(last),
+         "--out", str(exported)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    saved = torch.load(exported, weights_only=False)
+    backbone = RegisterViT(**saved["config"]).eval()
+    backbone.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(probe_images()), recorded)
+
+    meta = torch.load(last / "meta.pt", weights_only=False)
+    assert meta["global_step"] == 4
+    run_cli(
+        tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=3", f"--ckpt_path={last}"
+    )
+    resumed = torch.load(last / "meta.pt", weights_only=False)
+    assert resumed["global_step"] == 6 and resumed["epoch"] == 2  # continued, not restarted
