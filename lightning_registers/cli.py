@@ -2,15 +2,17 @@
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI's, configured by YAML files
 (``--config``, several merge in order); ``shards`` writes webdataset shards; ``export`` writes a
-checkpoint's backbone as one file.
+checkpoint's backbone as one file; ``submit`` sends a fit to Slurm.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
 from lightning.pytorch.cli import LightningCLI
 
 from .data import ShardDataModule, write_demo_shards, write_folder_shards, write_table_shards
@@ -61,8 +63,16 @@ class RegistersCLI(LightningCLI):
 
 
 def run_version(ckpt_path: str | None, experiment: str) -> int | None:
-    """N when ``ckpt_path`` lies in ``runs/<experiment>/version_N/``, else None."""
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
+    """The run a resumed fit continues: N when ``ckpt_path`` lies in
+    ``runs/<experiment>/version_N/``, the newest version for ``last``, else None (a new run)."""
+    if ckpt_path == "last":
+        versions = [
+            int(p.name[8:])
+            for p in Path(RUNS_DIR, experiment).glob("version_*")
+            if p.name[8:].isdigit()
+        ]
+        return max(versions, default=None)
+    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return None
     parts = Path(ckpt_path).resolve().parts
     base = Path(RUNS_DIR, experiment).resolve().parts
@@ -166,7 +176,26 @@ def export_main(args: list[str]) -> None:
     print(f"wrote {out}")
 
 
-COMMANDS = {"shards": shards_main, "export": export_main}
+def submit_main(args: list[str]) -> None:
+    """``lightning-registers submit ...`` (see ``lightning_registers.slurm``)."""
+    from .slurm import submit_main as submit
+
+    submit(args)
+
+
+def close_process_group() -> None:
+    """End a distributed run: close the process group and leave without running C++ static
+    destructors, where gloo's threads otherwise abort the process now and then (SIGABRT, exit
+    code -6, after a successful run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+COMMANDS = {"shards": shards_main, "export": export_main, "submit": submit_main}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -177,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             COMMANDS[argv[0]](argv[1:])
         else:
             lightning_main(argv)
+            close_process_group()
     except FileNotFoundError as exn:
         # Missing shards or input files are the user's to fix: no traceback.
         print(f"lightning-registers: error: {exn}", file=sys.stderr)

@@ -17,8 +17,14 @@ def query_names(num_registers: int) -> list[str]:
 
 def prefix_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Last-block attention of [CLS] and each register over the patch tokens, reshaped to the
-    patch grid: (B, heads, 1 + R, h, w)."""
-    attention = backbone.get_last_self_attention(images).float()
+    patch grid: (B, heads, 1 + R, h, w). Runs the backbone's own forward (FSDP2-safe)."""
+    attn = backbone.blocks[-1].attn
+    attn.keep_attention = True
+    try:
+        backbone(images)
+        attention = attn.attention.float()
+    finally:
+        attn.keep_attention, attn.attention = False, None
     r = backbone.num_prefix_tokens
     grid_size = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
     return attention[:, :, :r, r:].reshape(*attention.shape[:2], r, *grid_size)

@@ -31,18 +31,35 @@ def token_norms(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """L2 norms of the tokens after each listed block (the residual stream) and of the final
     normalized output, split by kind: ``{layer: {"cls": (B,), "registers": (B, R),
-    "patches": (B, N)}}`` with layers named ``blockNN`` and ``output``."""
+    "patches": (B, N)}}`` with layers named ``blockNN`` and ``output``. Runs the backbone's own
+    forward (hooks read the blocks), so FSDP2 gathers and frees parameters as in training."""
     depth = backbone.depth
     wanted = sorted({i % depth for i in blocks})
-    indices = sorted(set(wanted) | {depth - 1})
-    outputs = dict(zip(indices, backbone.get_block_outputs(images, indices), strict=True))
-    streams = {layer_name(i): outputs[i] for i in wanted}
-    streams[OUTPUT] = backbone.norm(outputs[depth - 1])
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(index: int):
+        def hook(module, args, output):
+            captured[index] = output
+
+        return hook
+
+    handles = [backbone.blocks[i].register_forward_hook(keep(i)) for i in wanted]
+    try:
+        features = backbone(images, return_features=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    streams = {layer_name(i): captured[i] for i in wanted}
     r = backbone.num_prefix_tokens
     result = {}
     for layer, tokens in streams.items():
         norms = tokens.float().norm(dim=-1)
         result[layer] = {"cls": norms[:, 0], "registers": norms[:, 1:r], "patches": norms[:, r:]}
+    result[OUTPUT] = {
+        "cls": features["x_norm_clstoken"].float().norm(dim=-1),
+        "registers": features["x_norm_regtokens"].float().norm(dim=-1),
+        "patches": features["x_norm_patchtokens"].float().norm(dim=-1),
+    }
     return result
 
 

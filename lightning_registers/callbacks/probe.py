@@ -30,23 +30,6 @@ def monitored_backbones(pl_module: L.LightningModule) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def unsharded(module: nn.Module) -> Iterator[None]:
-    """Gather FSDP2-sharded parameters for plain method calls (collective: every rank enters)."""
-    fsdp = [m for m in module.modules() if isinstance(m, FSDPModule)]
-    if isinstance(module, FSDPModule):
-        # Before the module's first forward, a block called on its own would take itself for
-        # the FSDP root; settle the root first (what the first forward would do).
-        module._get_fsdp_state()._lazy_init()
-    for m in fsdp:
-        m.unshard()
-    try:
-        yield
-    finally:
-        for m in fsdp:
-            m.reshard()
-
-
-@contextmanager
 def preserved_rng(device: torch.device) -> Iterator[None]:
     """Afterwards the torch (and ``device``'s CUDA), Python and NumPy random states are as they
     were, so that monitoring never changes the training run."""
@@ -62,17 +45,19 @@ def preserved_rng(device: torch.device) -> Iterator[None]:
 
 @contextmanager
 def probing(module: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, gathered parameters and preserved random states for a probe
-    forward; afterwards every submodule's training flag is as it was."""
+    """Eval mode, no gradients and preserved random states for a probe forward; afterwards
+    every submodule's training flag is as it was and FSDP2 parameters are sharded again."""
     modes = {m: m.training for m in module.modules()}
     device = next(module.parameters()).device
     try:
-        with preserved_rng(device), torch.no_grad(), unsharded(module):
+        with preserved_rng(device), torch.no_grad():
             module.eval()
             yield
     finally:
         for m, training in modes.items():
             m.training = training
+            if isinstance(m, FSDPModule):
+                m.reshard()  # an FSDP2 root keeps its gathered parameters after a forward
 
 
 def collect_probe_images(trainer: L.Trainer, n: int) -> torch.Tensor:

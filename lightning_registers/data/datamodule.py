@@ -153,11 +153,16 @@ class ShardDataModule(L.LightningDataModule):
         return self.val_dataloader(transform)
 
     def state_dict(self) -> dict:
-        epoch = self.trainer.current_epoch if self.trainer is not None else self.start_epoch
-        return {"epoch": epoch}
+        """The epoch a resumed fit starts in. Lightning makes the training iterator before it
+        restores its loops, so the stream must know it from here, not from the trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"next_epoch": self.start_epoch}
+        finished = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        return {"next_epoch": trainer.current_epoch + int(finished)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.start_epoch = state_dict.get("epoch", 0)
+        self.start_epoch = state_dict.get("next_epoch", 0)
 
 
 def skipped_in_batch(batch: dict) -> int:

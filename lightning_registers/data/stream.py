@@ -5,17 +5,24 @@ slots, all slots read every shard and keep every slots-th sample, so slots never
 sample. Training streams repeat forever (each pass reshuffles the slot's shards from the seed,
 epoch and pass, and a buffer shuffles samples) and each epoch takes a fixed number of samples.
 Validation streams are read once, split the same way.
+
+Everything random in a training epoch (order and augmentations) is a function of the seed, the
+epoch and the slot, never of what ran before: a run resumed at an epoch boundary sees exactly
+the data of an uninterrupted one, whatever the number of workers and whether they persist.
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
+import multiprocessing
 import os
 import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
+import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
@@ -93,6 +100,14 @@ def slot_info() -> tuple[int, int]:
     return rank * num_workers + worker, world_size * num_workers
 
 
+def seed_augmentations(key: str) -> None:
+    """Seed the torch, Python and NumPy generators that transforms draw from."""
+    seed = random.Random(key).getrandbits(63)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 class ShardStream(IterableDataset):
     """Samples of ``urls`` through ``transform``, each carrying ``skipped``: how many bad
     samples or shards this worker skipped since the sample before it.
@@ -106,7 +121,9 @@ class ShardStream(IterableDataset):
         batch_size: per-rank batch size; every rank gets the same number of whole batches.
         shuffle_buffer: samples held for shuffling within the stream.
         seed: base of every random choice of the stream.
-        start_epoch: epoch of the first iteration (set when resuming).
+        start_epoch: epoch of the first iteration. The trainer sets each epoch with
+            ``set_epoch`` (seen by persistent workers too); iterating in the main process
+            without it moves to the next epoch after each pass.
     """
 
     def __init__(
@@ -130,7 +147,12 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.epoch = start_epoch
+        # Shared memory, so that workers started in an earlier epoch see the current one.
+        self._epoch = multiprocessing.Value("i", start_epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration reads (its shard order, shuffle and augmentations)."""
+        self._epoch.value = epoch
 
     def batches_per_rank(self) -> int:
         """Whole batches each rank yields per epoch (the same on every rank)."""
@@ -167,8 +189,11 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = slot_info()
-        epoch = self.epoch
-        self.epoch += 1
+        epoch = self._epoch.value
+        if pytorch_worker_info()[3] == 1 and self.train:
+            self._epoch.value = epoch + 1  # iterated in the main process: pass after pass
+        if self.train:
+            seed_augmentations(f"{self.seed}-{epoch}-slot{slot}")
         counter = SkipCounter()
         samples = wds.tarfile_samples(self._shards(epoch, slot, slots), handler=counter.shard_error)
         if len(self.urls) < slots:

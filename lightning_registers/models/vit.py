@@ -39,6 +39,10 @@ class Attention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.keep_attention = False
+        """When set, every forward computes explicit weights and keeps them in ``attention``
+        (monitoring through the model's own forward, e.g. under FSDP2)."""
+        self.attention: torch.Tensor | None = None
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -50,9 +54,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if return_attention:
+        if return_attention or self.keep_attention:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
             x = attn @ v
+            if self.keep_attention:
+                self.attention = attn
         else:
             attn = None
             x = F.scaled_dot_product_attention(q, k, v)

@@ -5,9 +5,12 @@ samples."""
 from __future__ import annotations
 
 import inspect
+import os
+import random
 from collections.abc import Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
@@ -90,8 +93,8 @@ class ObjectiveModule(L.LightningModule):
         """FSDP2 under ModelParallelStrategy: ``fully_shard`` each unit of ``fsdp_units``.
         Parameters held by the module itself stay replicated; their gradients are averaged
         across ranks before each optimizer step."""
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return  # e.g. load_from_checkpoint, which calls this hook too
         if any(isinstance(m, FSDPModule) for m in self.modules()):
             return
         mesh = self.device_mesh["data_parallel"]
@@ -122,6 +125,26 @@ class ObjectiveModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def on_train_epoch_start(self) -> None:
+        """Point the data stream at this epoch (its order and augmentations follow from the
+        data seed and the epoch alone)."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """At an epoch's first batch, seed the random state of the model's side (drop-path,
+        Mixup) from (seed, epoch, rank) alone, so that a run resumed at an epoch boundary
+        continues exactly as an uninterrupted one. Not earlier: creating the DataLoader iterator
+        draws from it in a fresh process but not with persistent workers."""
+        if batch_idx != 0:
+            return
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        key = f"{seed}-{self.current_epoch}-rank{self.global_rank}"
+        torch.manual_seed(random.Random(key).getrandbits(63))
+        random.seed(key)
+        np.random.seed(random.Random(key).getrandbits(32))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.skipped_train += skipped_in_batch(batch)

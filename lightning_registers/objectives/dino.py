@@ -252,6 +252,7 @@ class DinoModule(ObjectiveModule):
         self.teacher_step = self.trainer.global_step
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
         values = self.current_schedule()
         for group in self.trainer.optimizers[0].param_groups:
             factor = values["last_layer_lr"] if group["is_last_layer"] else 1.0

@@ -1,0 +1,155 @@
+"""``lightning-registers submit``: render an sbatch script into a run directory and submit it.
+
+The script runs ``srun lightning-registers fit`` with one task per device, asks Slurm for
+SIGUSR1 90 s before the time limit and makes the job requeueable. On SIGUSR1 (from Slurm, or
+``scancel --signal=USR1 --batch``, which the script forwards to the tasks) Lightning saves a
+checkpoint into the run directory and requeues the job; the requeued job runs the same script,
+which resumes from that checkpoint, else from ``checkpoints/last.ckpt``, in the same run
+directory and TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+RUNS_DIR = "runs"
+SCRIPT_NAME = "submit.sbatch"
+
+TEMPLATE = """#!/bin/bash
+#SBATCH --job-name={job_name}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node={tasks_per_node}
+#SBATCH --cpus-per-task={cpus_per_task}
+{optional}#SBATCH --signal=B:USR1@90
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output={run_dir}/slurm-%j.out
+#SBATCH --error={run_dir}/slurm-%j.out
+# Rendered by `lightning-registers submit`; rerun as is by Slurm when the job is requeued.
+set -u
+cd {workdir}
+RUN_DIR={run_dir}
+RESUME=""
+if ! ls "$RUN_DIR"/hpc_ckpt_*.ckpt >/dev/null 2>&1 && [ -e "$RUN_DIR/checkpoints/last.ckpt" ]; then
+  RESUME="--ckpt_path=last"  # no requeue checkpoint (e.g. a node failed): the last epoch's
+fi
+echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname): ${{RESUME:-fit}}"
+# Forward the requeue signal to the tasks, where Lightning saves a checkpoint and requeues.
+trap 'echo "SIGUSR1: forwarding to the tasks"; kill -USR1 "$SRUN_PID" 2>/dev/null' USR1
+srun {fit} $RESUME &
+SRUN_PID=$!
+while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
+wait "$SRUN_PID"
+"""
+
+
+def experiment_name(configs: list[str]) -> str:
+    """The ``experiment`` of the last config file that sets one (else "default")."""
+    name = "default"
+    for config in configs:
+        data = yaml.safe_load(Path(config).read_text()) or {}
+        name = data.get("experiment", name)
+    return name
+
+
+def next_run_dir(experiment: str, root: Path) -> tuple[int, Path]:
+    """Reserve ``runs/<experiment>/version_N`` (the next free N) by creating it."""
+    parent = root / RUNS_DIR / experiment
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = [int(p.name[8:]) for p in parent.glob("version_*") if p.name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    run_dir = parent / f"version_{version}"
+    run_dir.mkdir()
+    return version, run_dir
+
+
+def render(opts: argparse.Namespace, fit_args: list[str], version: int, run_dir: Path) -> str:
+    """The sbatch script for ``opts`` (the submit options) writing to ``run_dir``."""
+    devices = opts.devices or opts.gpus_per_node or 1
+    optional = []
+    if opts.gpus_per_node:
+        optional.append(f"#SBATCH --gpus-per-node={opts.gpus_per_node}")
+    for flag in ("mem", "time", "partition", "account", "qos"):
+        value = getattr(opts, flag)
+        if value:
+            optional.append(f"#SBATCH --{flag}={value}")
+    experiment = opts.experiment or experiment_name(opts.config)
+    fit = [
+        "lightning-registers",
+        "fit",
+        *[arg for config in opts.config for arg in ("--config", str(Path(config).resolve()))],
+        f"--experiment={experiment}",
+        f"--version={version}",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.num_nodes={opts.nodes}",
+        f"--trainer.devices={devices}",
+        *([] if opts.gpus_per_node else ["--trainer.accelerator=cpu"]),
+        *fit_args,
+    ]
+    return TEMPLATE.format(
+        job_name=opts.job_name or experiment,
+        nodes=opts.nodes,
+        tasks_per_node=devices,
+        cpus_per_task=opts.cpus_per_task,
+        optional="".join(f"{line}\n" for line in optional),
+        run_dir=shlex.quote(str(run_dir)),
+        workdir=shlex.quote(str(Path.cwd())),
+        fit=" ".join(shlex.quote(arg) for arg in fit),
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lightning-registers submit",
+        description="Render an sbatch script for `lightning-registers fit` into a new run "
+        "directory, print it and submit it. Arguments after the options go to `fit` "
+        "(e.g. --trainer.max_epochs 10).",
+    )
+    p.add_argument("--config", action="append", required=True, help="fit config (repeatable)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU job")
+    p.add_argument(
+        "--devices", type=int, default=None, help="tasks per node (default: gpus-per-node, or 1)"
+    )
+    p.add_argument("--cpus-per-task", type=int, default=8)
+    p.add_argument("--mem", default=None, help="memory per node, e.g. 200G")
+    p.add_argument("--time", default=None, help="time limit, e.g. 2-00:00:00")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--job-name", default=None, help="default: the experiment name")
+    p.add_argument("--experiment", default=None, help="default: the configs' experiment")
+    p.add_argument("--dry-run", action="store_true", help="write and print the script only")
+    return p
+
+
+def submit_main(args: list[str]) -> str | None:
+    """``lightning-registers submit ...``; returns the job id (None for a dry run)."""
+    opts, fit_args = parser().parse_known_args(args)
+    for config in opts.config:
+        if not Path(config).is_file():
+            raise FileNotFoundError(f"config {config} does not exist")
+    experiment = opts.experiment or experiment_name(opts.config)
+    version, run_dir = next_run_dir(experiment, Path.cwd())
+    script = run_dir / SCRIPT_NAME
+    script.write_text(render(opts, fit_args, version, run_dir.resolve()))
+    print(script.read_text())
+    print(f"sbatch script: {script}")
+    if opts.dry_run:
+        return None
+    result = subprocess.run(
+        ["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        print(f"sbatch failed: {result.stderr.strip()}", file=sys.stderr)
+        sys.exit(result.returncode)
+    job_id = re.split(r"[;\s]", result.stdout.strip())[0]
+    print(f"submitted job {job_id}; run directory {run_dir}")
+    return job_id

@@ -1,0 +1,122 @@
+"""`lightning-registers submit` against a real one-node Slurm cluster: a 2-task CPU DDP job of
+the demo config runs; a job signalled with USR1 requeues and continues its global step."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cluster import SlurmCluster
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def submit(work: Path, slurm, demo_shards, samples: int, epochs: int, *extra) -> tuple[str, Path]:
+    override = {
+        "model": {"init_args": {"backbone": {"init_args": {
+            "embed_dim": 32, "depth": 2, "num_heads": 2}}}},
+        "data": {
+            "train_urls": str(demo_shards / "train" / "*.tar"),
+            "val_urls": str(demo_shards / "val" / "*.tar"),
+            "image_size": 32, "batch_size": 4, "num_workers": 0, "samples_per_epoch": samples,
+        },
+    }  # fmt: skip
+    path = work / "override.yaml"
+    path.write_text(yaml.safe_dump(override))
+    command = [
+        sys.executable, "-m", "lightning_registers.cli", "submit",
+        "--config", str(ROOT / "configs/demo/supervised.yaml"), "--config", str(path),
+        "--nodes", "1", "--devices", "2", "--cpus-per-task", "1", *extra,
+        "--trainer.strategy=ddp", f"--trainer.max_epochs={epochs}",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = result.stdout.strip().splitlines()[-1].split()[2].rstrip(";")
+    return job_id, work / "runs" / "demo_supervised" / "version_0"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(1.0)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_log(run: Path) -> str:
+    return "".join(p.read_text() for p in run.glob("slurm-*.out"))
+
+
+def test_dry_run_writes_the_script_and_submits_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_registers.cli", "submit", "--config",
+         str(ROOT / "configs/demo/supervised.yaml"), "--nodes", "2", "--gpus-per-node", "8",
+         "--time", "1-00:00:00", "--partition", "gpu", "--account", "vision", "--qos", "high",
+         "--mem", "400G", "--dry-run", "--trainer.max_epochs", "5"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    script = (tmp_path / "runs/demo_supervised/version_0/submit.sbatch").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=B:USR1@90",
+                 "--requeue", "--time=1-00:00:00", "--partition=gpu", "--account=vision",
+                 "--qos=high", "--mem=400G"):  # fmt: skip
+        assert f"#SBATCH {line}" in script, line
+    assert "srun lightning-registers fit" in script
+    assert "--trainer.devices=8 --trainer.max_epochs 5" in script and "--version=0" in script
+    assert "submitted job" not in result.stdout
+
+
+def test_two_task_ddp_job_trains_and_leaves_events_and_checkpoint(tmp_path, slurm, demo_shards):
+    job_id, run = submit(tmp_path, slurm, demo_shards, samples=32, epochs=2)
+    state = wait_for(
+        lambda: (s := slurm.job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED") and s,
+        300, f"job {job_id}",
+    )  # fmt: skip
+    assert state == "COMPLETED", job_log(run)[-3000:]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 8  # 2 epochs of 32 samples over 2 tasks of batch 4
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [s.step for s in events.Scalars("val/top1")] == [3, 7]
+    assert "MEMBER: 2/2" in job_log(run)  # Lightning saw both Slurm tasks as ranks
+
+
+def test_usr1_requeues_the_job_and_the_global_step_continues(tmp_path, slurm, demo_shards):
+    job_id, run = submit(tmp_path, slurm, demo_shards, samples=400, epochs=3)
+    wait_for(lambda: slurm.job_state(job_id) == "RUNNING", 120, "the job to run")
+    wait_for(lambda: (run / "checkpoints" / "last.ckpt").exists(), 240, "the first epoch")
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+    wait_for(lambda: "restart 1" in job_log(run), 300, "the requeued job to start")
+    state = wait_for(
+        lambda: (s := slurm.job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED") and s,
+        400, f"job {job_id} to finish",
+    )  # fmt: skip
+    log = job_log(run)
+    assert state == "COMPLETED", log[-3000:]
+    assert "SIGUSR1" in log
+    assert not (run.parent / "version_1").exists()  # the same run directory
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3 * 50  # 3 epochs of 400 samples / (2 tasks x 4)
+    # The requeued job writes a second event file into the same run; its steps go on.
+    first, second = sorted(run.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    steps = []
+    for path in (first, second):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        steps.append([s.step for s in events.Scalars("train/loss")])
+    assert steps[1][0] >= 50 - 1  # after at least the first epoch, not from 0
+    assert steps[1][-1] == 3 * 50 - 1
