@@ -10,9 +10,14 @@ import sys
 
 import torch
 
-from . import backbone, data, monitoring
+from . import backbone, data, monitoring, scale
 
-SECTIONS = {"backbone": backbone.run, "data": data.run, "monitoring": monitoring.run}
+SECTIONS = {
+    "backbone": backbone.run,
+    "data": data.run,
+    "monitoring": monitoring.run,
+    "scale": scale.run,
+}
 
 
 def machine() -> str:
