@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_registers.cli import close_process_group
 from lightning_registers.models import RegisterViT
 
 ARCH = dict(arch="vit_small", img_size=64, patch_size=8, num_registers=4)
@@ -68,8 +69,7 @@ def _worker(rank: int, world: int, port: int, mode: str, steps: int, batch: int,
     seconds = time.perf_counter() - start
     if rank == 0:
         torch.save({"bytes": _state_bytes(model, optimizer), "seconds": seconds}, out)
-    dist.barrier()
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def measure(mode: str, world: int, steps: int = 3, batch: int = 32) -> dict:

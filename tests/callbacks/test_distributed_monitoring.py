@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributed.fsdp import fully_shard
 
 from lightning_registers.callbacks import prefix_attention, probing, token_norms
+from lightning_registers.cli import close_process_group
 from lightning_registers.models import RegisterViT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,8 +57,7 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
             },
             out,
         )
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_monitors_measure_an_fsdp2_sharded_backbone_like_the_whole_one(tmp_path):

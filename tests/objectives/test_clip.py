@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lightning_registers.cli import close_process_group
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import ClipModule
 from lightning_registers.objectives.clip import retrieval_recall, zeroshot_accuracy
@@ -102,8 +103,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.all_reduce(loss.detach())
     if rank == 0:
         torch.save({"loss": loss.detach() / world, "grads": grads / world}, out)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_two_gloo_ranks_give_the_loss_and_gradients_of_the_whole_batch(tmp_path):

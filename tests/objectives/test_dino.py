@@ -17,6 +17,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
 
+from lightning_registers.cli import close_process_group
 from lightning_registers.data import ShardDataModule
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import DinoModule
@@ -278,8 +279,7 @@ def _fsdp_ema_rank(rank: int, world: int, port: int, out: str) -> None:
     after = {k: v.full_tensor() for k, v in module.teacher.state_dict().items()}
     if rank == 0:
         torch.save({"before": before, "after": after, "local": local_sizes}, out)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
+    close_process_group()
 
 
 def test_ema_updates_an_fsdp2_sharded_teacher_shard_by_shard(tmp_path):
