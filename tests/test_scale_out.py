@@ -91,10 +91,11 @@ def test_clip_trains_under_two_process_ddp(tmp_path, demo_shards):
 
 
 @pytest.mark.parametrize("objective", ["supervised", "clip", "dino"])
-def test_fsdp2_run_saves_sharded_checkpoints_that_load_export_and_resume(
+def test_fsdp2_with_activation_checkpointing_saves_sharded_checkpoints_that_load_and_resume(
     objective, tmp_path, demo_shards
 ):
-    run = run_cli(tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=2")
+    checkpointing = "--model.init_args.backbone.init_args.grad_checkpointing=true"
+    run = run_cli(tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=2", checkpointing)
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard a rank
     recorded = torch.load(tmp_path / "out.pt")["output"]
@@ -118,7 +119,8 @@ def test_fsdp2_run_saves_sharded_checkpoints_that_load_export_and_resume(
     meta = torch.load(last / "meta.pt", weights_only=False)
     assert meta["global_step"] == 4
     run_cli(
-        tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=3", f"--ckpt_path={last}"
-    )
+        tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=3", checkpointing,
+        f"--ckpt_path={last}",
+    )  # fmt: skip
     resumed = torch.load(last / "meta.pt", weights_only=False)
     assert resumed["global_step"] == 6 and resumed["epoch"] == 2  # continued, not restarted
