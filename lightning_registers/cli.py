@@ -62,16 +62,17 @@ class RegistersCLI(LightningCLI):
             print(f"watch it with: tensorboard --logdir {log_dir.parent}")
 
 
+def run_versions(experiment: str, root: Path = Path(".")) -> list[int]:
+    """N of every ``runs/<experiment>/version_N`` under ``root``."""
+    runs = root / RUNS_DIR / experiment
+    return [int(p.name[8:]) for p in runs.glob("version_*") if p.name[8:].isdigit()]
+
+
 def run_version(ckpt_path: str | None, experiment: str) -> int | None:
     """The run a resumed fit continues: N when ``ckpt_path`` lies in
     ``runs/<experiment>/version_N/``, the newest version for ``last``, else None (a new run)."""
     if ckpt_path == "last":
-        versions = [
-            int(p.name[8:])
-            for p in Path(RUNS_DIR, experiment).glob("version_*")
-            if p.name[8:].isdigit()
-        ]
-        return max(versions, default=None)
+        return max(run_versions(experiment), default=None)
     if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
         return None
     parts = Path(ckpt_path).resolve().parts

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-RUNS_DIR = "runs"
+from .cli import RUNS_DIR, run_versions
+
 SCRIPT_NAME = "submit.sbatch"
 
 TEMPLATE = """#!/bin/bash
@@ -61,12 +62,9 @@ def experiment_name(configs: list[str]) -> str:
 
 def next_run_dir(experiment: str, root: Path) -> tuple[int, Path]:
     """Reserve ``runs/<experiment>/version_N`` (the next free N) by creating it."""
-    parent = root / RUNS_DIR / experiment
-    parent.mkdir(parents=True, exist_ok=True)
-    taken = [int(p.name[8:]) for p in parent.glob("version_*") if p.name[8:].isdigit()]
-    version = max(taken, default=-1) + 1
-    run_dir = parent / f"version_{version}"
-    run_dir.mkdir()
+    version = max(run_versions(experiment, root), default=-1) + 1
+    run_dir = root / RUNS_DIR / experiment / f"version_{version}"
+    run_dir.mkdir(parents=True)
     return version, run_dir
 
 

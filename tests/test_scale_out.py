@@ -2,7 +2,6 @@
 resume."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ports import free_port
 from recorder import probe_images
 
 from lightning_registers.models import RegisterViT
@@ -33,12 +33,6 @@ PER_OBJECTIVE = {
         "linear_probe_steps": 10,
     },
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
@@ -70,7 +64,7 @@ def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
         command.append("--trainer.strategy.init_args.process_group_backend=gloo")
     env = {
         **os.environ,
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
     result = subprocess.run(

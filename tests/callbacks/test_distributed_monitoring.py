@@ -1,7 +1,6 @@
 """Monitoring under DDP (2 gloo processes through the CLI) and under FSDP2 (sharded backbone)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
 
@@ -18,12 +18,6 @@ from lightning_registers.cli import close_process_group
 from lightning_registers.models import RegisterViT
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backbone() -> RegisterViT:
@@ -62,7 +56,7 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_monitors_measure_an_fsdp2_sharded_backbone_like_the_whole_one(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_fsdp_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_fsdp_rank, args=(2, free_port(), out), nprocs=2, join=True)
     got = torch.load(out, weights_only=False)
     assert got["sharded"] and got["training"]
     reference = backbone().eval()
@@ -124,7 +118,7 @@ def test_ddp_run_logs_monitoring_once_from_rank_zero(tmp_path, demo_shards):
         "--trainer.enable_progress_bar=false",
         "--experiment=ddp",
     ]
-    env = {**os.environ, "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     result = subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
     )

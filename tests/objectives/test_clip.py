@@ -2,13 +2,13 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ports import free_port
 
 from lightning_registers.cli import close_process_group
 from lightning_registers.models import RegisterViT
@@ -83,12 +83,6 @@ def test_no_weight_decay_for_logit_scale_embeddings_and_registers():
     assert "image_projection.weight" not in names and "text.text_projection" not in names
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -108,7 +102,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_gloo_ranks_give_the_loss_and_gradients_of_the_whole_batch(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_rank_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), out), nprocs=2, join=True)
     distributed = torch.load(out)
 
     m = tiny_clip()

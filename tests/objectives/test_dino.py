@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
+from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
 
@@ -254,12 +254,6 @@ def test_a_short_fit_updates_the_teacher_freezes_prototypes_and_reports_knn(tmp_
     assert {"train/dino", "train/ibot", "train/koleo", "train/teacher_temp"} <= set(metrics)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _fsdp_ema_rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -284,7 +278,7 @@ def _fsdp_ema_rank(rank: int, world: int, port: int, out: str) -> None:
 
 def test_ema_updates_an_fsdp2_sharded_teacher_shard_by_shard(tmp_path):
     out = str(tmp_path / "ema.pt")
-    mp.spawn(_fsdp_ema_rank, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_fsdp_ema_rank, args=(2, free_port(), out), nprocs=2, join=True)
     got = torch.load(out, weights_only=False)
     full = sum(t.numel() for t in got["before"]["teacher"].values())
     assert sum(got["local"]) < full  # each rank held only its shards
@@ -346,7 +340,7 @@ def test_two_process_ddp_fit_keeps_one_teacher_and_reports_knn(tmp_path, demo_sh
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false", "--experiment=ddp",
     ]  # fmt: skip
-    env = {**os.environ, "MASTER_PORT": str(_free_port())}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     result = subprocess.run(
         command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env
     )

@@ -10,13 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from ports import free_port
+
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def install() -> None:
@@ -51,8 +47,8 @@ class SlurmCluster:
                 [
                     "ClusterName=lrtest",
                     f"SlurmctldHost={host}(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
                     "AuthType=auth/munge",
                     "CredType=cred/munge",
                     "SlurmUser=root",
