@@ -2,7 +2,8 @@
 
 ``fit``/``validate``/``test``/``predict`` are LightningCLI's, configured by YAML files
 (``--config``, several merge in order); ``shards`` writes webdataset shards; ``export`` writes a
-checkpoint's backbone as one file; ``submit`` sends a fit to Slurm.
+checkpoint's backbone as one file; ``analyze`` runs the paper's measurements on checkpoints;
+``submit`` sends a fit to Slurm.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LightningCLI
 
@@ -177,6 +179,84 @@ def export_main(args: list[str]) -> None:
     print(f"wrote {out}")
 
 
+def analyze_parser() -> argparse.ArgumentParser:
+    from .analysis.lost import FEATURES
+    from .analysis.tokens import RULES
+    from .models import LAYOUTS
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-registers analyze",
+        description="The paper's measurements on checkpoints: figures, summary.json and "
+        "summary.md in --out.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file or sharded directory")
+    parser.add_argument(
+        "--compare", nargs="+", default=[], metavar="PATH", help="more checkpoints, side by side"
+    )
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        default=["ours"],
+        choices=LAYOUTS,
+        help="checkpoint format: one for all, or one per checkpoint (--checkpoint first)",
+    )
+    parser.add_argument("--images", required=True, help="shard URLs/patterns or an image folder")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--num-images", type=int, default=256, help="images analysed at most")
+    parser.add_argument("--image-size", type=int, default=None, help="default: training size")
+    parser.add_argument("--part", default=None, help="DINO: teacher (default) or student")
+    parser.add_argument("--num-heads", type=int, default=None, help="heads of released weights")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rule", choices=RULES, default="relative", help="high-norm rule")
+    parser.add_argument("--threshold", type=float, default=150.0, help="absolute norm cut")
+    parser.add_argument("--factor", type=float, default=3.0, help="relative cut x median")
+    parser.add_argument("--lost-features", choices=FEATURES, default="keys")
+    parser.add_argument("--lost-k", type=int, default=None, help="LOST candidates")
+    parser.add_argument("--gram-bias", type=float, default=0.0, help="added to LOST's Gram")
+    parser.add_argument("--ttr-neurons", type=int, default=10, help="register neurons moved")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def analyze_main(args: list[str]) -> None:
+    """``lightning-registers analyze --checkpoint PATH --images SOURCE --out DIR ...``."""
+    from .analysis import AnalysisSettings, analyze, load_backbone
+
+    parser = analyze_parser()
+    opts = parser.parse_args(args)
+    paths = [opts.checkpoint, *opts.compare]
+    formats = opts.format * len(paths) if len(opts.format) == 1 else opts.format
+    if len(formats) != len(paths):
+        parser.error(f"--format: give one format or {len(paths)}, got {len(opts.format)}")
+    # Every checkpoint loads (or fails) before any image is read.
+    backbones = [
+        load_backbone(path, fmt, opts.part, opts.num_heads)
+        for path, fmt in zip(paths, formats, strict=True)
+    ]
+    settings = AnalysisSettings(
+        rule=opts.rule,
+        threshold=opts.threshold,
+        factor=opts.factor,
+        lost_features=opts.lost_features,
+        lost_k=opts.lost_k,
+        gram_bias=opts.gram_bias,
+        ttr_neurons=opts.ttr_neurons,
+        batch_size=opts.batch_size,
+    )
+    analyze(
+        backbones,
+        opts.images,
+        opts.out,
+        settings,
+        opts.num_images,
+        opts.image_size,
+        opts.device,
+        progress=not opts.quiet,
+    )
+    print(f"wrote {Path(opts.out) / 'summary.md'} and {Path(opts.out) / 'summary.json'}")
+
+
 def submit_main(args: list[str]) -> None:
     """``lightning-registers submit ...`` (see ``lightning_registers.slurm``)."""
     from .slurm import submit_main as submit
@@ -196,7 +276,12 @@ def close_process_group() -> None:
         os._exit(0)
 
 
-COMMANDS = {"shards": shards_main, "export": export_main, "submit": submit_main}
+COMMANDS = {
+    "shards": shards_main,
+    "export": export_main,
+    "analyze": analyze_main,
+    "submit": submit_main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,23 @@ def prefix_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return attention[:, :, :r, r:].reshape(*attention.shape[:2], r, *grid_size)
 
 
+def attention_grids(
+    attention: torch.Tensor, queries: list[str], images: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Grids of ``prefix_attention`` maps over their images, by name: ``mean`` (the image, then
+    the head-mean map of each query) and ``heads_QUERY`` (a column per head); with their column
+    titles."""
+    images = images[: len(attention)]
+    mean = attention.mean(dim=1)
+    columns = [display_images(images)] + [overlay(images, mean[:, q]) for q in range(len(queries))]
+    out = {"mean": (grid(columns), ["image", *queries])}
+    heads = range(attention.shape[1])
+    for q, query in enumerate(queries):
+        columns = [overlay(images, attention[:, h, q]) for h in heads]
+        out[f"heads_{query}"] = (grid(columns), [f"head {h}" for h in heads])
+    return out
+
+
 class AttentionMapMonitor(ProbeCallback):
     """Last-block attention of [CLS] and of each register over the patches, drawn as heat maps
     over the probe images (each map on its own colour scale).
@@ -54,18 +71,7 @@ class AttentionMapMonitor(ProbeCallback):
 
     def grids(self, result: dict, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, list]]:
         """The images to draw, by tag suffix: (grid, column titles)."""
-        attention, queries = result["attention"], result["queries"]
-        images = images[: len(attention)]
-        mean = attention.mean(dim=1)
-        columns = [display_images(images)] + [
-            overlay(images, mean[:, q]) for q in range(len(queries))
-        ]
-        out = {"mean": (grid(columns), ["image", *queries])}
-        heads = range(attention.shape[1])
-        for q, query in enumerate(queries):
-            columns = [overlay(images, attention[:, h, q]) for h in heads]
-            out[f"heads_{query}"] = (grid(columns), [f"head {h}" for h in heads])
-        return out
+        return attention_grids(result["attention"], result["queries"], images)
 
     def report(self, writer, name: str, result: dict, images: torch.Tensor, step: int) -> None:
         for suffix, (image, _) in self.grids(result, images).items():

@@ -63,11 +63,19 @@ def grid(columns: Sequence[torch.Tensor]) -> torch.Tensor:
     return make_grid(rows, nrow=len(columns), padding=2, pad_value=1.0)
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (creating its folder) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def save_grid_png(
     image: torch.Tensor, column_titles: Sequence[str], path: Path, title: str
 ) -> Path:
     """A grid from ``grid`` as a PNG figure with column titles."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     height, width = image.shape[-2:]
     fig, ax = plt.subplots(figsize=(max(4.0, width / 80), max(3.0, height / 80 + 0.6)))
     ax.imshow(image.permute(1, 2, 0).numpy())
@@ -75,17 +83,13 @@ def save_grid_png(
     ax.set_xticklabels(column_titles, fontsize=8)
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_norm_histograms_png(
     patch_norms: dict[str, torch.Tensor], threshold: float, path: Path, title: str
 ) -> Path:
     """Histograms of patch-token norms, one panel per layer, log count axis (paper Fig. 3/4)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     layers = list(patch_norms)
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
@@ -102,15 +106,11 @@ def save_norm_histograms_png(
     for ax in list(axes.flat)[len(layers) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_share_by_layer_png(shares: dict[str, dict[str, float]], path: Path, title: str) -> Path:
     """High-norm share of patch tokens against layer, one line per rule (paper Fig. 5b)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     layers = list(next(iter(shares.values())))
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2), 3.0))
     for rule, by_layer in shares.items():
@@ -122,7 +122,4 @@ def save_share_by_layer_png(shares: dict[str, dict[str, float]], path: Path, tit
     ax.set_ylabel("high-norm patch tokens (%)")
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

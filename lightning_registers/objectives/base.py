@@ -16,6 +16,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from open_clip.transformer import ResidualAttentionBlock
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
@@ -38,6 +39,9 @@ class ObjectiveModule(L.LightningModule):
     monitor: str = "val/loss"
     monitor_mode: str = "max"
     uses_mask_token: bool = False
+    image_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN
+    """Per-channel mean and std of the input normalization the backbone was trained with."""
+    image_std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     def save_objective_hparams(self, backbone: RegisterViT) -> None:
         """Save the constructor arguments, the backbone as its class_path config."""

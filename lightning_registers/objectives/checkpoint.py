@@ -59,14 +59,23 @@ def exported_backbone(module: ObjectiveModule, part: str | None = None) -> Regis
 def export_backbone(
     checkpoint: str | Path, out: str | Path, part: str | None = None, layout: str = "ours"
 ) -> Path:
-    """Write the checkpoint's backbone to ``out`` as ``{"config", "state_dict", "layout"}``;
-    ``RegisterViT(**config)`` rebuilds it (``layout="ours"``), or timm's VisionTransformer
-    loads the state dict (``layout="timm"``)."""
+    """Write the checkpoint's backbone to ``out`` as ``{"config", "state_dict", "layout",
+    "mean", "std"}``; ``RegisterViT(**config)`` rebuilds it (``layout="ours"``), or timm's
+    VisionTransformer loads the state dict (``layout="timm"``); images are normalized with
+    ``mean`` and ``std`` as in training."""
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
-    backbone = exported_backbone(load_objective(checkpoint), part)
+    module = load_objective(checkpoint)
+    backbone = exported_backbone(module, part)
     state = backbone.state_dict() if layout == "ours" else to_timm(backbone.state_dict())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": dict(backbone.config), "state_dict": state, "layout": layout}, out)
+    exported = {
+        "config": dict(backbone.config),
+        "state_dict": state,
+        "layout": layout,
+        "mean": list(module.image_mean),
+        "std": list(module.image_std),
+    }
+    torch.save(exported, out)
     return out

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from open_clip import get_tokenizer
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss, SigLipLoss
 from open_clip.transformer import TextTransformer
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
@@ -69,6 +70,8 @@ class ClipModule(ObjectiveModule):
     """
 
     monitor = "val/zeroshot_top1"
+    image_mean = OPENAI_DATASET_MEAN
+    image_std = OPENAI_DATASET_STD
 
     def __init__(
         self,

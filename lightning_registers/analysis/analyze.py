@@ -1,0 +1,256 @@
+"""All measurements on one or several checkpoints, with figures side by side and a summary:
+what ``lightning-registers analyze`` runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..callbacks.norms import OUTPUT
+from .attention import attention_maps, attention_on_high_norm, plot_attention
+from .images import ImageSet, load_images
+from .loading import LoadedBackbone
+from .lost import lost, plot_lost
+from .neighbours import neighbour_similarity, plot_neighbour_similarity
+from .norms import (
+    first_high_norm_layer,
+    layer_statistics,
+    plot_layer_statistics,
+    plot_norm_distributions,
+)
+from .probes import pixel_probe, plot_probes, position_probe, token_classification
+from .report import write_summary
+from .test_time_registers import add_test_time_register, find_register_neurons
+from .tokens import OutlierRule, output_tokens, patch_norms_by_layer
+
+STAGES = ("norms", "neighbours", "probes", "attention", "LOST", "test-time registers")
+TTR_SUFFIX = " + test-time register"
+
+
+@dataclass
+class AnalysisSettings:
+    """What the measurements use.
+
+    Args:
+        rule: how high-norm tokens are told from normal ones in the split measurements
+            (neighbours, probes, attention, test-time registers): ``relative`` or ``absolute``.
+        threshold: absolute norm cut (the paper's 150).
+        factor: relative cut, times the median patch norm.
+        lost_features: ``keys`` (DINOv2 in the paper), ``values`` (DeiT-III, OpenCLIP) or
+            ``queries`` of the last block.
+        lost_k: LOST's seed-expansion candidates (default: in proportion to the grid).
+        gram_bias: added to LOST's Gram matrix.
+        ttr_neurons: register neurons moved to the test-time register.
+        attention_images: images drawn in the attention figures.
+        batch_size: images per forward pass.
+    """
+
+    rule: str = "relative"
+    threshold: float = 150.0
+    factor: float = 3.0
+    lost_features: str = "keys"
+    lost_k: int | None = None
+    gram_bias: float = 0.0
+    ttr_neurons: int = 10
+    attention_images: int = 8
+    batch_size: int = 32
+
+    @property
+    def outlier_rule(self) -> OutlierRule:
+        return OutlierRule(self.rule, self.threshold, self.factor)
+
+
+def _norm_summary(norms: dict[str, torch.Tensor], settings: AnalysisSettings) -> dict:
+    stats = layer_statistics(norms, settings.threshold, settings.factor)
+    return {
+        "layers": stats,
+        "output": stats[OUTPUT],
+        "first_high_norm_block": {
+            "absolute": first_high_norm_layer(stats, "share_absolute"),
+            "relative": first_high_norm_layer(stats, "share_relative"),
+        },
+    }
+
+
+def _lost(backbone: nn.Module, images: ImageSet, settings: AnalysisSettings) -> dict:
+    return lost(
+        backbone,
+        images.images,
+        images.boxes,
+        settings.lost_features,
+        settings.lost_k,
+        settings.gram_bias,
+        settings.batch_size,
+    )
+
+
+def analyze_backbone(
+    backbone: nn.Module, images: ImageSet, settings: AnalysisSettings, progress=None
+) -> dict:
+    """Every measurement of one backbone: a dict of results (tensors for the figures and the
+    scalars of ``summary.json``)."""
+
+    def stage(name: str) -> None:
+        if progress is not None:
+            progress.set_postfix_str(name)
+            progress.update()
+
+    x, bs = images.images, settings.batch_size
+    rule = settings.outlier_rule
+    norms = patch_norms_by_layer(backbone, x, bs)
+    high = rule.mask(norms[OUTPUT])
+    result = {"norms": norms, "high_norm": high, "norm_summary": _norm_summary(norms, settings)}
+    stage("neighbours")
+    result["neighbours"] = neighbour_similarity(backbone, x, high, bs)
+    stage("probes")
+    cls, patches = output_tokens(backbone, x, bs)
+    grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
+    result["probes"] = {
+        "position": position_probe(patches, grid, high),
+        "pixels": pixel_probe(patches, x, backbone.patch_size, high),
+        "classification": token_classification(cls, patches, high, images.labels),
+    }
+    stage("attention")
+    result["attention"] = attention_maps(backbone, x, bs)
+    result["attention_on_high_norm"] = attention_on_high_norm(
+        result["attention"]["attention"], high
+    )
+    stage("LOST")
+    result["lost"] = _lost(backbone, images, settings)
+    stage("test-time registers")
+    result["ttr"] = test_time_register_effect(backbone, images, settings, patches, high)
+    stage("done")
+    return result
+
+
+def test_time_register_effect(
+    backbone: nn.Module,
+    images: ImageSet,
+    settings: AnalysisSettings,
+    patches: torch.Tensor,
+    high_norm: torch.Tensor,
+) -> dict | None:
+    """Find the register neurons, add a test-time register, and measure the norms, attention
+    maps and LOST again; ``normal_token_cosine``: mean cosine similarity of each normal output
+    patch token before and after. None when no token is high-norm."""
+    x, bs = images.images, settings.batch_size
+    neurons = find_register_neurons(
+        backbone, x, settings.ttr_neurons, settings.outlier_rule, batch_size=bs
+    )
+    if not neurons:
+        return None
+    model = add_test_time_register(backbone, neurons)
+    norms = patch_norms_by_layer(model, x, bs)
+    _, after = output_tokens(model, x, bs)
+    cosine = F.cosine_similarity(after, patches, dim=-1)
+    attention = attention_maps(model, x, bs)
+    return {
+        "neurons": neurons,
+        "norms": norms,
+        "norm_summary": _norm_summary(norms, settings),
+        "attention": attention,
+        "attention_on_high_norm": attention_on_high_norm(attention["attention"], high_norm),
+        "lost": _lost(model, images, settings),
+        "normal_token_cosine": cosine[~high_norm].mean().item() if (~high_norm).any() else None,
+        "high_norm_token_cosine": cosine[high_norm].mean().item() if high_norm.any() else None,
+    }
+
+
+def analyze(
+    backbones: list[LoadedBackbone],
+    image_source: str | Path,
+    out_dir: str | Path,
+    settings: AnalysisSettings | None = None,
+    num_images: int = 256,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Analyse each backbone on the images of ``image_source`` and write the figures,
+    ``summary.json`` and ``summary.md`` into ``out_dir``; returns the summary."""
+    settings = settings or AnalysisSettings()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = _unique([b.name for b in backbones])
+    image_sets: dict[tuple, ImageSet] = {}
+    results, inputs = {}, {}
+    bar = tqdm(total=len(backbones) * len(STAGES), desc="analyze", disable=not progress)
+    for name, loaded in zip(names, backbones, strict=True):
+        bar.set_description(f"analyze {name}")
+        size = image_size or loaded.model.img_size[0]
+        key = (size, loaded.mean, loaded.std)
+        if key not in image_sets:
+            image_sets[key] = load_images(image_source, size, loaded.mean, loaded.std, num_images)
+        inputs[name] = image_sets[key]
+        model = loaded.model.to(device).eval()
+        results[name] = analyze_backbone(model, inputs[name], settings, bar)
+        loaded.model.cpu()
+    bar.close()
+    figures = write_figures(results, inputs, out_dir, settings)
+    return write_summary(results, inputs, backbones, names, settings, figures, out_dir)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+def write_figures(
+    results: dict[str, dict], inputs: dict[str, ImageSet], out_dir: Path, settings: AnalysisSettings
+) -> list[Path]:
+    """Every figure, models side by side."""
+    rule = settings.outlier_rule
+    with_ttr = {n: r["ttr"] for n, r in results.items() if r["ttr"] is not None}
+    paths = [
+        plot_norm_distributions(
+            {n: r["norms"][OUTPUT] for n, r in results.items()},
+            rule,
+            out_dir / "norm_distribution.png",
+            "output patch-token norms",
+        ),
+        plot_layer_statistics(
+            {n: r["norm_summary"]["layers"] for n, r in results.items()},
+            out_dir / "norms_by_layer.png",
+            "patch-token norms by block",
+        ),
+        plot_neighbour_similarity(
+            {n: r["neighbours"] for n, r in results.items()}, out_dir / "neighbour_similarity.png"
+        ),
+        plot_probes({n: r["probes"] for n, r in results.items()}, out_dir / "probes.png"),
+    ]
+    attention = {n: r["attention"] for n, r in results.items()}
+    attention.update({n + TTR_SUFFIX: t["attention"] for n, t in with_ttr.items()})
+    for name, maps in attention.items():
+        images = inputs[name.removesuffix(TTR_SUFFIX)].images[: settings.attention_images]
+        maps = dict(maps, attention=maps["attention"][: settings.attention_images])
+        paths += plot_attention({name: maps}, images, out_dir)
+    rows = {}
+    for name, result in results.items():
+        x = inputs[name]
+        rows[name] = (x.images, x.boxes, result["lost"]["boxes"])
+        if name in with_ttr:
+            rows[name + TTR_SUFFIX] = (x.images, x.boxes, with_ttr[name]["lost"]["boxes"])
+    paths.append(plot_lost(rows, out_dir / "lost.png"))
+    if with_ttr:
+        norms = {}
+        for name, ttr in with_ttr.items():
+            norms[name] = results[name]["norms"][OUTPUT]
+            norms[name + TTR_SUFFIX] = ttr["norms"][OUTPUT]
+        paths.append(
+            plot_norm_distributions(
+                norms,
+                rule,
+                out_dir / "test_time_registers.png",
+                "before and after test-time registers",
+            )
+        )
+    return paths

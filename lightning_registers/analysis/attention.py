@@ -1,0 +1,53 @@
+"""Where [CLS] and each register look: last-block attention maps over the images (paper Fig. 9
+and 14), and how much of [CLS]'s attention lands on high-norm tokens."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..callbacks.attention import attention_grids, prefix_attention, query_names
+from ..callbacks.figures import save_grid_png
+from .tokens import batches, device_of
+
+
+@torch.no_grad()
+def attention_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict:
+    """``attention`` (N, heads, 1 + R, h, w): last-block attention of [CLS] and each register
+    over the patches, and the ``queries`` names."""
+    maps = [
+        prefix_attention(backbone, batch).cpu()
+        for batch in batches(images, batch_size, device_of(backbone))
+    ]
+    return {"attention": torch.cat(maps), "queries": query_names(backbone.num_registers)}
+
+
+def attention_on_high_norm(attention: torch.Tensor, high_norm: torch.Tensor) -> dict:
+    """Share of each query's patch attention (head mean) that lands on high-norm patches
+    (``high_norm``, (N, P)), against the share of patches that are high-norm."""
+    mean = attention.mean(dim=1).flatten(2)  # (N, queries, P)
+    mean = mean / mean.sum(-1, keepdim=True)
+    on_high = (mean * high_norm[:, None].float()).sum(-1).mean(0)
+    return {
+        "share_of_patches": high_norm.float().mean().item(),
+        "cls": on_high[0].item(),
+        "registers": on_high[1:].tolist(),
+    }
+
+
+def plot_attention(results: dict[str, dict], images: torch.Tensor, out_dir: Path) -> list[Path]:
+    """Per model, the head-mean maps of every query and the per-head maps of [CLS]."""
+    paths = []
+    for name, result in results.items():
+        grids = attention_grids(result["attention"], result["queries"], images)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        for suffix in ("mean", "heads_cls"):
+            image, titles = grids[suffix]
+            title = f"{name}: last-block attention ({suffix.replace('_', ' ')})"
+            paths.append(
+                save_grid_png(image, titles, out_dir / f"attention_{suffix}_{stem}.png", title)
+            )
+    return paths
