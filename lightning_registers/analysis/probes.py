@@ -16,9 +16,9 @@ from ..callbacks.figures import plt, save_figure
 
 
 def image_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the probes' training images (even) and test images (odd)."""
-    index = torch.arange(n)
-    return index[::2], index[1::2]
+    """Indices of the probes' training and test images: a fixed random half each (sorted)."""
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return index[: (n + 1) // 2].sort().values, index[(n + 1) // 2 :].sort().values
 
 
 def _standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
