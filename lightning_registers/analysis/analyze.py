@@ -175,7 +175,6 @@ def analyze(
     ``summary.json`` and ``summary.md`` into ``out_dir``; returns the summary."""
     settings = settings or AnalysisSettings()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     names = _unique([b.name for b in backbones])
     image_sets: dict[tuple, ImageSet] = {}
     results, inputs = {}, {}
@@ -191,6 +190,7 @@ def analyze(
         results[name] = analyze_backbone(model, inputs[name], settings, bar)
         loaded.model.cpu()
     bar.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
     figures = write_figures(results, inputs, out_dir, settings)
     return write_summary(results, inputs, backbones, names, settings, figures, out_dir)
 

@@ -167,7 +167,11 @@ def load_backbone(
         if format == "open_clip":
             mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         raw = _strip_backbone_prefix(unwrap_state_dict(read_state_file(path)))
-        config = infer_config(convert_state_dict(raw, format), format)
+        try:
+            converted = convert_state_dict(raw, format)
+        except KeyError as exn:
+            raise ValueError(f"not a {format} ViT state dict: no {exn.args[0]} in {path}") from None
+        config = infer_config(converted, format)
         if num_heads:
             config["num_heads"] = num_heads
         model = RegisterViT(**config)

@@ -52,7 +52,10 @@ def plot_norm_distributions(
         values = values.flatten().float()
         cut = rule.cut(values)
         share = (values > cut).float().mean().item()
-        ax.hist(values.numpy(), bins=80, log=True, color="tab:blue")
+        # Normalized outputs can all have the same norm: give the bins a finite width.
+        low, high = values.min().item(), values.max().item()
+        high = max(high, low + 1e-3 * max(1.0, low))
+        ax.hist(values.numpy(), bins=80, range=(low, high), log=True, color="tab:blue")
         ax.axvline(cut, color="tab:red", linestyle="--", linewidth=1)
         ax.set_title(f"{name}\n{100 * share:.2f}% above {cut:.3g}", fontsize=9)
         ax.set_xlabel("output patch-token norm", fontsize=8)
