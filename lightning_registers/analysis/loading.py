@@ -42,16 +42,14 @@ def checkpoint_name(path: str | Path) -> str:
     return path.stem
 
 
-def read_state_file(path: Path) -> dict:
-    """A ``.safetensors`` file or anything ``torch.load`` reads, on the CPU."""
+def read_state_file(path: Path, trusted: bool = False) -> dict:
+    """A ``.safetensors`` file or anything ``torch.load`` reads, on the CPU. Only ``trusted``
+    files (our own, which hold Python objects besides tensors) may unpickle objects."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - our own checkpoints hold Python objects besides tensors
-        return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=not trusted)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], layout: str) -> dict:
@@ -147,8 +145,8 @@ def load_backbone(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if format == "ours":
-        stored = {} if path.is_dir() else read_state_file(path)
-        if path.is_dir() or "hyper_parameters" in stored:
+        stored = {} if path.is_dir() or path.suffix == ".ckpt" else read_state_file(path, True)
+        if not stored or "hyper_parameters" in stored:
             module = load_objective(path)
             model = exported_backbone(module, part)
             mean, std = module.image_mean, module.image_std

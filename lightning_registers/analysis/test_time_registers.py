@@ -28,16 +28,20 @@ class RegisterNeuron:
     score: float
 
 
-def _mlp_inputs(backbone: nn.Module, blocks: list[int], store: dict):
-    """Hooks that keep each listed block's MLP hidden activation (the input of ``fc2``)."""
+def _score_hooks(backbone: nn.Module, blocks: list[int], batch: dict) -> list:
+    """Hooks that add each listed block's MLP hidden activations (the input of ``fc2``) at the
+    batch's outlier positions (``batch["flags"]``, (B, P)) to ``batch["totals"][block]``."""
+    r = backbone.num_prefix_tokens
 
-    def keep(index: int):
+    def add(index: int):
         def hook(module, args):
-            store[index] = args[0]
+            hidden = args[0][:, r:][batch["flags"]].abs().float().sum(dim=0).cpu()
+            totals = batch["totals"]
+            totals[index] = totals.get(index, 0) + hidden
 
         return hook
 
-    return [backbone.blocks[i].mlp.fc2.register_forward_pre_hook(keep(i)) for i in blocks]
+    return [backbone.blocks[i].mlp.fc2.register_forward_pre_hook(add(i)) for i in blocks]
 
 
 @torch.no_grad()
@@ -64,21 +68,16 @@ def find_register_neurons(
     if not outliers.any():
         return []
     blocks = list(range(mark_block + 1))
-    totals: dict[int, torch.Tensor] = {}
-    store: dict[int, torch.Tensor] = {}
-    handles = _mlp_inputs(backbone, blocks, store)
-    r = backbone.num_prefix_tokens
+    batch_state: dict = {"totals": {}}
+    handles = _score_hooks(backbone, blocks, batch_state)
     try:
         for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
-            backbone(batch)
-            flags = outliers[start : start + len(batch)].to(device)
-            for block, hidden in store.items():
-                total = hidden[:, r:][flags].abs().float().sum(dim=0)
-                totals[block] = totals.get(block, 0) + total.cpu()
+            batch_state["flags"] = outliers[start : start + batch_size].to(device)
+            backbone(images[start : start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()
+    totals = batch_state["totals"]
     scores = torch.stack([totals[b] for b in blocks]) / outliers.sum()
     best = scores.flatten().topk(min(top_k, scores.numel()))
     width = scores.shape[1]
