@@ -12,7 +12,12 @@ from torch import nn
 from tqdm import tqdm
 
 from ..callbacks.norms import OUTPUT
-from .attention import attention_maps, attention_on_high_norm, plot_attention
+from .attention import (
+    attention_maps,
+    attention_on_high_norm,
+    plot_attention,
+    plot_attention_side_by_side,
+)
 from .images import ImageSet, load_images
 from .loading import LoadedBackbone
 from .lost import lost, plot_lost
@@ -26,7 +31,7 @@ from .norms import (
 from .probes import pixel_probe, plot_probes, position_probe, token_classification
 from .report import write_summary
 from .test_time_registers import add_test_time_register, find_register_neurons
-from .tokens import OutlierRule, output_tokens, patch_norms_by_layer
+from .tokens import OutlierRule, device_of, output_tokens, patch_norms_by_layer
 
 STAGES = ("norms", "neighbours", "probes", "attention", "LOST", "test-time registers")
 TTR_SUFFIX = " + test-time register"
@@ -110,10 +115,11 @@ def analyze_backbone(
     stage("probes")
     cls, patches = output_tokens(backbone, x, bs)
     grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
+    device = device_of(backbone)
     result["probes"] = {
-        "position": position_probe(patches, grid, high),
-        "pixels": pixel_probe(patches, x, backbone.patch_size, high),
-        "classification": token_classification(cls, patches, high, images.labels),
+        "position": position_probe(patches, grid, high, device=device),
+        "pixels": pixel_probe(patches, x, backbone.patch_size, high, device=device),
+        "classification": token_classification(cls, patches, high, images.labels, device),
     }
     stage("attention")
     result["attention"] = attention_maps(backbone, x, bs)
@@ -229,9 +235,12 @@ def write_figures(
     ]
     attention = {n: r["attention"] for n, r in results.items()}
     attention.update({n + TTR_SUFFIX: t["attention"] for n, t in with_ttr.items()})
+    shown = {}
     for name, maps in attention.items():
         images = inputs[name.removesuffix(TTR_SUFFIX)].images[: settings.attention_images]
-        maps = dict(maps, attention=maps["attention"][: settings.attention_images])
+        shown[name] = (dict(maps, attention=maps["attention"][: len(images)]), images)
+    paths.append(plot_attention_side_by_side(shown, out_dir / "attention.png"))
+    for name, (maps, images) in shown.items():
         paths += plot_attention({name: maps}, images, out_dir)
     rows = {}
     for name, result in results.items():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..callbacks.attention import attention_grids, prefix_attention, query_names
-from ..callbacks.figures import save_grid_png
+from ..callbacks.figures import plt, save_figure, save_grid_png
 from .tokens import batches, device_of
 
 
@@ -36,6 +36,32 @@ def attention_on_high_norm(attention: torch.Tensor, high_norm: torch.Tensor) -> 
         "cls": on_high[0].item(),
         "registers": on_high[1:].tolist(),
     }
+
+
+def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], path: Path) -> Path:
+    """The head-mean maps of [CLS] and every register, a panel per model (``results``: name ->
+    (``attention_maps`` result, its images)), the same images in every panel's rows."""
+    panels = {
+        name: attention_grids(maps["attention"], maps["queries"], images)["mean"]
+        for name, (maps, images) in results.items()
+    }
+    widths = [image.shape[-1] for image, _ in panels.values()]
+    height = max(image.shape[-2] for image, _ in panels.values())
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(sum(widths) / 80 + 0.5 * len(panels), height / 80 + 0.8),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
+    for ax, (name, (image, titles)) in zip(axes[0], panels.items(), strict=True):
+        width = image.shape[-1]
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_xticks([(i + 0.5) * width / len(titles) for i in range(len(titles))])
+        ax.set_xticklabels(titles, fontsize=7)
+        ax.set_yticks([])
+        ax.set_title(f"{name}: last-block attention, head mean", fontsize=9)
+    return save_figure(fig, path)
 
 
 def plot_attention(results: dict[str, dict], images: torch.Tensor, out_dir: Path) -> list[Path]:

@@ -30,7 +30,7 @@ def fit_softmax_regression(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float = 1e-3
 ) -> torch.nn.Linear:
     """Multinomial logistic regression with an L2 penalty, fitted by L-BFGS."""
-    linear = torch.nn.Linear(x.shape[1], num_classes)
+    linear = torch.nn.Linear(x.shape[1], num_classes, device=x.device)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
     optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=200, line_search_fn="strong_wolfe")
@@ -51,7 +51,8 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> tuple:
     on the weights)."""
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = (x - x_mean).double(), (y - y_mean).double()
-    gram = xc.T @ xc + alpha * len(x) * torch.eye(x.shape[1], dtype=torch.double)
+    eye = torch.eye(x.shape[1], dtype=torch.double, device=x.device)
+    gram = xc.T @ xc + alpha * len(x) * eye
     weight = torch.linalg.solve(gram, xc.T @ yc).float()
     return weight, y_mean - x_mean @ weight
 
@@ -70,19 +71,25 @@ def _by_kind(values: torch.Tensor, high_norm: torch.Tensor) -> dict:
 
 
 def position_probe(
-    patches: torch.Tensor, grid: tuple[int, int], high_norm: torch.Tensor, max_tokens: int = 20000
+    patches: torch.Tensor,
+    grid: tuple[int, int],
+    high_norm: torch.Tensor,
+    max_tokens: int = 20000,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Predict each patch token's position (one of h x w classes) from the token alone:
     ``top1`` accuracy and mean ``distance`` (in patches) to the true position, for normal and
-    high-norm test tokens."""
+    high-norm test tokens. The probe is fitted on ``device``."""
     n, p, d = patches.shape
     train, test = image_split(n)
     positions = torch.arange(p).expand(n, p)
     x_train = patches[train].reshape(-1, d)
     keep = _sample(len(x_train), max_tokens)
-    x_train, x_test = _standardize(x_train[keep], patches[test].reshape(-1, d))
-    probe = fit_softmax_regression(x_train, positions[train].reshape(-1)[keep], p)
-    predicted = probe(x_test).argmax(-1)
+    x_train, x_test = _standardize(
+        x_train[keep].to(device), patches[test].reshape(-1, d).to(device)
+    )
+    probe = fit_softmax_regression(x_train, positions[train].reshape(-1)[keep].to(device), p)
+    predicted = probe(x_test).argmax(-1).cpu()
     truth = positions[test].reshape(-1)
     rows = lambda i: torch.stack([i // grid[1], i % grid[1]], -1).float()  # noqa: E731
     distance = (rows(predicted) - rows(truth)).norm(dim=-1)
@@ -105,28 +112,36 @@ def pixel_probe(
     patch_size: int,
     high_norm: torch.Tensor,
     max_tokens: int = 20000,
+    device: str | torch.device = "cpu",
 ) -> dict:
-    """Reconstruct each patch's (normalized) pixels from its token by ridge regression: mean L2
-    error per token for normal and high-norm test tokens."""
+    """Reconstruct each patch's (normalized) pixels from its token by ridge regression (fitted
+    on ``device``): mean L2 error per token for normal and high-norm test tokens."""
     n, p, d = patches.shape
     train, test = image_split(n)
     target = patch_pixels(images, patch_size)
     x_train = patches[train].reshape(-1, d)
     y_train = target[train].reshape(-1, target.shape[-1])
     keep = _sample(len(x_train), max_tokens)
-    x_train, x_test = _standardize(x_train[keep], patches[test].reshape(-1, d))
-    weight, bias = fit_ridge(x_train, y_train[keep])
-    error = (x_test @ weight + bias - target[test].reshape(-1, target.shape[-1])).norm(dim=-1)
+    x_train, x_test = _standardize(
+        x_train[keep].to(device), patches[test].reshape(-1, d).to(device)
+    )
+    weight, bias = fit_ridge(x_train, y_train[keep].to(device))
+    y_test = target[test].reshape(-1, target.shape[-1]).to(device)
+    error = (x_test @ weight + bias - y_test).norm(dim=-1).cpu()
     return {"l2": _by_kind(error, high_norm[test].reshape(-1))}
 
 
 def token_classification(
-    cls: torch.Tensor, patches: torch.Tensor, high_norm: torch.Tensor, labels: torch.Tensor
+    cls: torch.Tensor,
+    patches: torch.Tensor,
+    high_norm: torch.Tensor,
+    labels: torch.Tensor,
+    device: str | torch.device = "cpu",
 ) -> dict | None:
     """Image class from one token (logistic regression): [CLS], a random normal patch token and
     a random high-norm patch token of each image (images without one are left out): test
-    accuracy of each, and the test images each was scored on. None without two labelled
-    classes."""
+    accuracy of each, and the test images each was scored on (fitted on ``device``). None
+    without two labelled classes."""
     known = labels >= 0
     if labels[known].unique().numel() < 2:
         return None
@@ -152,9 +167,10 @@ def token_classification(
         if labels[tr].unique().numel() < 2 or not len(te):
             out[kind] = {"accuracy": None, "test_images": int(len(te))}
             continue
-        x_train, x_test = _standardize(features[tr], features[te])
-        probe = fit_softmax_regression(x_train, labels[tr], int(labels.max()) + 1)
-        accuracy = (probe(x_test).argmax(-1) == labels[te]).float().mean().item()
+        x_train, x_test = _standardize(features[tr].to(device), features[te].to(device))
+        probe = fit_softmax_regression(x_train, labels[tr].to(device), int(labels.max()) + 1)
+        predicted = probe(x_test).argmax(-1).cpu()
+        accuracy = (predicted == labels[te]).float().mean().item()
         out[kind] = {"accuracy": accuracy, "test_images": int(len(te))}
     return out
 
