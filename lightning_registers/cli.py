@@ -230,10 +230,13 @@ def analyze_main(args: list[str]) -> None:
     if len(formats) != len(paths):
         parser.error(f"--format: give one format or {len(paths)}, got {len(opts.format)}")
     # Every checkpoint loads (or fails) before any image is read.
-    backbones = [
-        load_backbone(path, fmt, opts.part, opts.num_heads)
-        for path, fmt in zip(paths, formats, strict=True)
-    ]
+    try:
+        backbones = [
+            load_backbone(path, fmt, opts.part, opts.num_heads)
+            for path, fmt in zip(paths, formats, strict=True)
+        ]
+    except (ValueError, KeyError) as exn:  # KeyError: CheckpointMismatchError names the keys
+        parser.error(str(exn))
     settings = AnalysisSettings(
         rule=opts.rule,
         threshold=opts.threshold,

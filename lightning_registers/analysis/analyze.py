@@ -33,7 +33,7 @@ from .report import write_summary
 from .test_time_registers import add_test_time_register, find_register_neurons
 from .tokens import OutlierRule, device_of, output_tokens, patch_norms_by_layer
 
-STAGES = ("norms", "neighbours", "probes", "attention", "LOST", "test-time registers")
+STAGES = 6  # norms, neighbours, probes, attention, LOST, test-time registers
 TTR_SUFFIX = " + test-time register"
 
 
@@ -100,37 +100,39 @@ def analyze_backbone(
     """Every measurement of one backbone: a dict of results (tensors for the figures and the
     scalars of ``summary.json``)."""
 
-    def stage(name: str) -> None:
+    def stage(name: str, measure):
         if progress is not None:
             progress.set_postfix_str(name)
+        out = measure()
+        if progress is not None:
             progress.update()
+        return out
 
     x, bs = images.images, settings.batch_size
-    rule = settings.outlier_rule
-    norms = patch_norms_by_layer(backbone, x, bs)
-    high = rule.mask(norms[OUTPUT])
+    device = device_of(backbone)
+    norms = stage("norms", lambda: patch_norms_by_layer(backbone, x, bs))
+    high = settings.outlier_rule.mask(norms[OUTPUT])
     result = {"norms": norms, "high_norm": high, "norm_summary": _norm_summary(norms, settings)}
-    stage("neighbours")
-    result["neighbours"] = neighbour_similarity(backbone, x, high, bs)
-    stage("probes")
+    result["neighbours"] = stage("neighbours", lambda: neighbour_similarity(backbone, x, high, bs))
     cls, patches = output_tokens(backbone, x, bs)
     grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
-    device = device_of(backbone)
-    result["probes"] = {
-        "position": position_probe(patches, grid, high, device=device),
-        "pixels": pixel_probe(patches, x, backbone.patch_size, high, device=device),
-        "classification": token_classification(cls, patches, high, images.labels, device),
-    }
-    stage("attention")
-    result["attention"] = attention_maps(backbone, x, bs)
+    result["probes"] = stage(
+        "probes",
+        lambda: {
+            "position": position_probe(patches, grid, high, device=device),
+            "pixels": pixel_probe(patches, x, backbone.patch_size, high, device=device),
+            "classification": token_classification(cls, patches, high, images.labels, device),
+        },
+    )
+    result["attention"] = stage("attention", lambda: attention_maps(backbone, x, bs))
     result["attention_on_high_norm"] = attention_on_high_norm(
         result["attention"]["attention"], high
     )
-    stage("LOST")
-    result["lost"] = _lost(backbone, images, settings)
-    stage("test-time registers")
-    result["ttr"] = test_time_register_effect(backbone, images, settings, patches, high)
-    stage("done")
+    result["lost"] = stage("LOST", lambda: _lost(backbone, images, settings))
+    result["ttr"] = stage(
+        "test-time registers",
+        lambda: test_time_register_effect(backbone, images, settings, patches, high),
+    )
     return result
 
 
@@ -184,7 +186,7 @@ def analyze(
     names = _unique([b.name for b in backbones])
     image_sets: dict[tuple, ImageSet] = {}
     results, inputs = {}, {}
-    bar = tqdm(total=len(backbones) * len(STAGES), desc="analyze", disable=not progress)
+    bar = tqdm(total=len(backbones) * STAGES, desc="analyze", disable=not progress)
     for name, loaded in zip(names, backbones, strict=True):
         bar.set_description(f"analyze {name}")
         size = image_size or loaded.model.img_size[0]

@@ -44,14 +44,6 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    @property
-    def has_labels(self) -> bool:
-        return bool((self.labels >= 0).any())
-
-    @property
-    def has_boxes(self) -> bool:
-        return any(len(b) for b in self.boxes)
-
 
 def voc_boxes(xml_path: Path) -> list[tuple[float, float, float, float]]:
     """Object boxes of a Pascal-VOC annotation as (x0, y0, x1, y1), 0-based with exclusive

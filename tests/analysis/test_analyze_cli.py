@@ -164,6 +164,22 @@ def test_analyze_refuses_bad_input_before_reading_images(tmp_path, checkpoints, 
             ]
         )
     assert "give one format or 2" in capsys.readouterr().err
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "analyze",
+                "--checkpoint",
+                str(tmp_path / "other.pth"),
+                "--format",
+                "timm",
+                "--images",
+                "x",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+    assert "not a timm ViT state dict" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(
             [
