@@ -130,67 +130,30 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
     assert "attention_mean_planted_test-time_register.png" in from_shards["figures"]
 
 
-def test_analyze_refuses_bad_input_before_reading_images(tmp_path, checkpoints, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(
-            [
-                "analyze",
-                "--checkpoint",
-                str(tmp_path / "nothing.ckpt"),
-                "--images",
-                "x",
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
-    assert exit_info.value.code == 2
-    assert "nothing.ckpt does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "analyze",
-                "--checkpoint",
-                str(checkpoints[0]),
-                "--compare",
-                str(checkpoints[1]),
-                "--format",
-                "ours",
-                "timm",
-                "dinov2",
-                "--images",
-                "x",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-    assert "give one format or 2" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "checkpoint, more, message",
+    [
+        ("nothing.ckpt", [], "nothing.ckpt does not exist"),
+        (
+            "planted",
+            ["--compare", "clean", "--format", "ours", "timm", "dinov2"],
+            "give one format or 2",
+        ),
+        ("other.pth", ["--format", "timm"], "not a timm ViT state dict"),
+        ("planted", ["--images", "none-*.tar"], "matches no file"),
+    ],
+)
+def test_analyze_refuses_bad_input_before_any_work(
+    tmp_path, checkpoints, capsys, checkpoint, more, message
+):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pth")
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "analyze",
-                "--checkpoint",
-                str(tmp_path / "other.pth"),
-                "--format",
-                "timm",
-                "--images",
-                "x",
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
-    assert "not a timm ViT state dict" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(
-            [
-                "analyze",
-                "--checkpoint",
-                str(checkpoints[0]),
-                "--images",
-                str(tmp_path / "none-*.tar"),
-                "--out",
-                str(tmp_path / "out"),
-            ]
-        )
-    assert "matches no file" in capsys.readouterr().err
+    files = {"planted": str(checkpoints[0]), "clean": str(checkpoints[1])}
+    argv = ["analyze", "--checkpoint", files.get(checkpoint, str(tmp_path / checkpoint))]
+    argv += [files.get(a, a) for a in more] + ["--out", str(tmp_path / "out")]
+    if "--images" not in more:
+        argv += ["--images", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
