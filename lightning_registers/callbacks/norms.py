@@ -39,7 +39,7 @@ def token_norms(
 
     def keep(index: int):
         def hook(module, args, output):
-            captured[index] = output
+            captured[index] = output.detach().float().norm(dim=-1)  # not the whole stream
 
         return hook
 
@@ -49,12 +49,15 @@ def token_norms(
     finally:
         for handle in handles:
             handle.remove()
-    streams = {layer_name(i): captured[i] for i in wanted}
     r = backbone.num_prefix_tokens
     result = {}
-    for layer, tokens in streams.items():
-        norms = tokens.float().norm(dim=-1)
-        result[layer] = {"cls": norms[:, 0], "registers": norms[:, 1:r], "patches": norms[:, r:]}
+    for i in wanted:
+        norms = captured[i]
+        result[layer_name(i)] = {
+            "cls": norms[:, 0],
+            "registers": norms[:, 1:r],
+            "patches": norms[:, r:],
+        }
     result[OUTPUT] = {
         "cls": features["x_norm_clstoken"].float().norm(dim=-1),
         "registers": features["x_norm_regtokens"].float().norm(dim=-1),
