@@ -90,6 +90,8 @@ def _shard_items(urls: list[str], counter: SkipCounter):
 
 
 def _folder_items(root: Path, counter: SkipCounter):
+    if (root / "JPEGImages").is_dir():
+        root = root / "JPEGImages"  # a VOCdevkit year folder: not its segmentation PNGs
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"folder {root} holds no images ({', '.join(FOLDER_SUFFIXES)})")

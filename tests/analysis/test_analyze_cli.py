@@ -39,6 +39,8 @@ def write_voc_folder(root, count):
             f"<annotation><filename>{name}.png</filename>{objects}</annotation>"
         )
     (root / "JPEGImages" / "zz-broken.png").write_bytes(b"not a png")
+    (root / "SegmentationClass").mkdir()  # VOC's masks are PNGs too, and not inputs
+    image.save(root / "SegmentationClass" / "val-00000000.png")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
             "analyze",
             *common,
             "--images",
-            str(tmp_path / "voc" / "JPEGImages"),
+            str(tmp_path / "voc"),
             "--out",
             str(tmp_path / "voc_out"),
         ],
@@ -90,7 +92,7 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
     from_folder = json.loads((tmp_path / "voc_out" / "summary.json").read_text())
     from_shards = json.loads((tmp_path / "shard_out" / "summary.json").read_text())
     assert from_folder["images"] == {
-        "source": str(tmp_path / "voc" / "JPEGImages"),
+        "source": str(tmp_path / "voc"),
         "count": SCENES,
         "skipped": 1,
         "with_labels": 0,
