@@ -2,8 +2,9 @@
 
 The script runs ``srun lightning-registers fit`` with one task per device, asks Slurm for
 SIGUSR1 90 s before the time limit and makes the job requeueable. On SIGUSR1 (from Slurm, or
-``scancel --signal=USR1 --batch``, which the script forwards to the tasks) Lightning saves a
-checkpoint into the run directory and requeues the job; the requeued job runs the same script,
+``scancel --signal=USR1 --batch``, which the script forwards to the tasks) the tasks save a
+checkpoint into the run directory after the current training step and requeue the job
+(``objectives.requeue.SlurmRequeue``); the requeued job runs the same script,
 which resumes from that checkpoint, else from ``checkpoints/last.ckpt``, in the same run
 directory and TensorBoard run.
 """
@@ -42,7 +43,7 @@ if ! ls "$RUN_DIR"/hpc_ckpt_*.ckpt >/dev/null 2>&1 && [ -e "$RUN_DIR/checkpoints
   RESUME="--ckpt_path=last"  # no requeue checkpoint (e.g. a node failed): the last epoch's
 fi
 echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname): ${{RESUME:-fit}}"
-# Forward the requeue signal to the tasks, where Lightning saves a checkpoint and requeues.
+# Forward the requeue signal to the tasks: they save a checkpoint after this step and requeue.
 trap 'echo "SIGUSR1: forwarding to the tasks"; kill -USR1 "$SRUN_PID" 2>/dev/null' USR1
 srun {fit} $RESUME &
 SRUN_PID=$!

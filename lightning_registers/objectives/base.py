@@ -24,6 +24,7 @@ from ..data import skipped_in_batch
 from ..models import RegisterViT
 from ..models.vit import Block
 from .optim import build_optimizer, param_groups
+from .requeue import SlurmRequeue
 from .schedules import warmup_cosine_lr
 
 # Lets ``load_from_checkpoint`` rebuild the backbone from its saved config (class_path form).
@@ -67,7 +68,8 @@ class ObjectiveModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """``last.ckpt`` plus the best by ``monitor`` (replacing the Trainer's default
-        checkpointing unless it is off), and the learning rate when there is a logger."""
+        checkpointing unless it is off), the learning rate when there is a logger, and the
+        Slurm requeue at a step boundary."""
         callbacks: list[Callback] = []
         if self.trainer.checkpoint_callback is not None:
             best = ModelCheckpoint(
@@ -81,6 +83,7 @@ class ObjectiveModule(L.LightningModule):
             callbacks += [best, latest]
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(SlurmRequeue())
         return callbacks
 
     def fsdp_units(self) -> list[nn.Module]:

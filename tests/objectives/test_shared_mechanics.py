@@ -1,13 +1,16 @@
-"""Parameter groups, optimizers and schedules shared by every objective."""
+"""Parameter groups, optimizers, schedules and the Slurm requeue shared by every objective."""
 
 import math
+import signal
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
 
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives.optim import build_optimizer, no_decay_names, param_groups
+from lightning_registers.objectives.requeue import SlurmRequeue, hpc_checkpoint_path
 from lightning_registers.objectives.schedules import warmup_cosine, warmup_cosine_lr
 
 
@@ -84,3 +87,17 @@ def test_lr_scheduler_follows_the_schedule_per_step():
         sched.step()
     assert lrs[0] == 0.0 and lrs[2] == pytest.approx(1.0) and lrs[4] == pytest.approx(2.0)
     assert lrs[12] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_requeue_checkpoints_are_numbered_after_the_newest(tmp_path):
+    assert hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_1.ckpt"
+    for name in ("hpc_ckpt_1.ckpt", "hpc_ckpt_9.ckpt", "hpc_ckpt_x.ckpt", "last.ckpt"):
+        (tmp_path / name).touch()
+    assert hpc_checkpoint_path(tmp_path) == tmp_path / "hpc_ckpt_10.ckpt"
+
+
+def test_requeue_callback_leaves_the_signal_alone_outside_slurm():
+    callback = SlurmRequeue()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False)
+    callback.setup(trainer, None, "fit")
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL and callback._signal is None

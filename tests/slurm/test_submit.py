@@ -107,7 +107,7 @@ def test_usr1_requeues_the_job_and_the_global_step_continues(tmp_path, slurm, de
     )  # fmt: skip
     log = job_log(run)
     assert state == "COMPLETED", log[-3000:]
-    assert "SIGUSR1" in log
+    assert "SIGUSR1" in log and "requeue signal: saving" in log  # at a step boundary
     assert not (run.parent / "version_1").exists()  # the same run directory
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3 * 50  # 3 epochs of 400 samples / (2 tasks x 4)
