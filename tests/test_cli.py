@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from demo_run import ROOT, demo_data, write_yaml
 
 from lightning_registers.cli import lightning_main, main
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 OBJECTIVE_CONFIGS = [c for c in CONFIGS if c.parent.name != "trainer"]
 TRAINER_FRAGMENTS = [c for c in CONFIGS if c.parent.name == "trainer"]
@@ -45,20 +45,9 @@ def tiny_overrides(tmp_path, demo_shards, config_file: Path | None = None, **dat
                 },
             }
         },
-        "data": {
-            "train_urls": str(demo_shards / "train" / "*.tar"),
-            "val_urls": str(demo_shards / "val" / "*.tar"),
-            "image_size": 32,
-            "num_classes": 10,
-            "batch_size": 4,
-            "num_workers": 0,
-            "samples_per_epoch": 16,
-            **data,
-        },
+        "data": demo_data(demo_shards, num_classes=10, **data),
     }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_yaml(tmp_path / "tiny.yaml", config)
 
 
 @pytest.mark.parametrize("config", OBJECTIVE_CONFIGS, ids=lambda p: p.stem)

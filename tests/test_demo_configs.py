@@ -1,13 +1,10 @@
 """The demo configs, run as `make demo` runs them, learn (slow: minutes each; `-m slow`)."""
 
-from pathlib import Path
-
 import pytest
+from demo_run import ROOT
 
 from lightning_registers.cli import lightning_main
 from lightning_registers.data import write_demo_shards
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

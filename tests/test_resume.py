@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from demo_run import ROOT, demo_data, write_yaml
 
 
 def fit(work: Path, demo_shards, callbacks: list[dict], *extra) -> subprocess.CompletedProcess:
@@ -21,14 +19,9 @@ def fit(work: Path, demo_shards, callbacks: list[dict], *extra) -> subprocess.Co
                                        "drop_path_rate": 0.2}},
             "mixup_alpha": 0.8, "cutmix_alpha": 1.0,
         }},
-        "data": {
-            "train_urls": str(demo_shards / "train" / "*.tar"),
-            "val_urls": str(demo_shards / "val" / "*.tar"),
-            "image_size": 32, "batch_size": 4, "num_workers": 1, "samples_per_epoch": 16,
-        },
+        "data": demo_data(demo_shards, num_workers=1),
     }  # fmt: skip
-    path = work / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
+    path = write_yaml(work / "override.yaml", override)
     command = [
         sys.executable, "-m", "lightning_registers.cli", "fit",
         "--config", str(ROOT / "configs/demo/supervised.yaml"), "--config", str(path),

@@ -4,11 +4,10 @@ resume."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from demo_run import ROOT, demo_data, write_yaml
 from ports import free_port
 from recorder import probe_images
 
@@ -16,7 +15,6 @@ from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import load_objective
 from lightning_registers.objectives.checkpoint import exported_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {
     "backbone": {"init_args": {"embed_dim": 32, "depth": 2, "num_heads": 2}},
 }
@@ -43,14 +41,9 @@ def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
              "init_args": {"path": str(tmp_path / "out.pt")}},
         ]},
         "model": {"init_args": {**TINY_MODEL, **PER_OBJECTIVE[objective]}},
-        "data": {
-            "train_urls": str(demo_shards / "train" / "*.tar"),
-            "val_urls": str(demo_shards / "val" / "*.tar"),
-            "image_size": 32, "batch_size": 4, "num_workers": 0, "samples_per_epoch": 16,
-        },
+        "data": demo_data(demo_shards),
     }  # fmt: skip
-    path = tmp_path / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
+    path = write_yaml(tmp_path / "override.yaml", override)
     fragment = {"ddp": [], "fsdp": ["--config", str(ROOT / "configs/trainer/fsdp.yaml")]}[strategy]
     command = [
         sys.executable, "-m", "lightning_registers.cli", "fit", *fragment,

@@ -4,6 +4,7 @@ import open_clip
 import pytest
 import timm
 import torch
+from demo_run import ROOT, demo_data, write_yaml
 from open_clip.constants import OPENAI_DATASET_MEAN
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN
@@ -92,19 +93,17 @@ def test_open_clip_weights_load_with_openai_normalization(tmp_path):
 
 def test_our_training_checkpoint_and_its_export_load(tmp_path, demo_shards, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    overrides = tmp_path / "tiny.yaml"
-    overrides.write_text(
-        "model:\n  init_args:\n    backbone:\n      init_args: {arch: vit_tiny, embed_dim: 32, "
-        "depth: 1, num_heads: 2, patch_size: 8}\n"
-        f"data: {{train_urls: '{demo_shards}/train/*.tar', val_urls: '{demo_shards}/val/*.tar', "
-        "image_size: 32, batch_size: 4, num_workers: 0, samples_per_epoch: 8}\n"
-    )
-    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    tiny = {
+        "model": {"init_args": {"backbone": {"init_args": {
+            "arch": "vit_tiny", "embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8}}}},
+        "data": demo_data(demo_shards, samples_per_epoch=8),
+    }  # fmt: skip
+    overrides = write_yaml(tmp_path / "tiny.yaml", tiny)
     lightning_main(
         [
             "fit",
             "--config",
-            str(root / "configs/demo/clip.yaml"),
+            str(ROOT / "configs/demo/clip.yaml"),
             "--config",
             str(overrides),
             "--trainer.max_steps=1",

@@ -3,12 +3,11 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
+from demo_run import ROOT, demo_data, write_yaml
 from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
@@ -16,8 +15,6 @@ from torch.distributed.fsdp import fully_shard
 from lightning_registers.callbacks import prefix_attention, probing, token_norms
 from lightning_registers.cli import close_process_group
 from lightning_registers.models import RegisterViT
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def backbone() -> RegisterViT:
@@ -92,17 +89,9 @@ def test_ddp_run_logs_monitoring_once_from_rank_zero(tmp_path, demo_shards):
                 }
             }
         },
-        "data": {
-            "train_urls": str(demo_shards / "train" / "*.tar"),
-            "val_urls": str(demo_shards / "val" / "*.tar"),
-            "image_size": 32,
-            "batch_size": 4,
-            "num_workers": 0,
-            "samples_per_epoch": 64,
-        },
+        "data": demo_data(demo_shards, samples_per_epoch=64),
     }
-    override = tmp_path / "ddp.yaml"
-    override.write_text(yaml.safe_dump(monitors))
+    override = write_yaml(tmp_path / "ddp.yaml", monitors)
     command = [
         sys.executable,
         "-m",

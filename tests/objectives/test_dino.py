@@ -4,7 +4,6 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -12,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-import yaml
+from demo_run import ROOT, demo_data, write_yaml
 from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
@@ -309,7 +308,6 @@ def test_dino_loss_falls_below_uniform_when_the_views_agree():
 
 
 def test_two_process_ddp_fit_keeps_one_teacher_and_reports_knn(tmp_path, demo_shards):
-    root = Path(__file__).resolve().parents[2]
     override = {
         "model": {
             "init_args": {
@@ -323,20 +321,12 @@ def test_two_process_ddp_fit_keeps_one_teacher_and_reports_knn(tmp_path, demo_sh
                 "linear_probe_steps": 20,
             }
         },
-        "data": {
-            "train_urls": str(demo_shards / "train" / "*.tar"),
-            "val_urls": str(demo_shards / "val" / "*.tar"),
-            "image_size": 32,
-            "batch_size": 4,
-            "num_workers": 0,
-            "samples_per_epoch": 32,
-        },
+        "data": demo_data(demo_shards, samples_per_epoch=32),
     }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(override))
+    path = write_yaml(tmp_path / "tiny.yaml", override)
     command = [
         sys.executable, "-m", "lightning_registers.cli", "fit",
-        "--config", str(root / "configs/demo/dino.yaml"), "--config", str(path),
+        "--config", str(ROOT / "configs/demo/dino.yaml"), "--config", str(path),
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false", "--experiment=ddp",
     ]  # fmt: skip

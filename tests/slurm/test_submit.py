@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from cluster import SlurmCluster
+from demo_run import ROOT, demo_data, write_yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +25,9 @@ def submit(work: Path, slurm, demo_shards, samples: int, epochs: int, *extra) ->
     override = {
         "model": {"init_args": {"backbone": {"init_args": {
             "embed_dim": 32, "depth": 2, "num_heads": 2}}}},
-        "data": {
-            "train_urls": str(demo_shards / "train" / "*.tar"),
-            "val_urls": str(demo_shards / "val" / "*.tar"),
-            "image_size": 32, "batch_size": 4, "num_workers": 0, "samples_per_epoch": samples,
-        },
+        "data": demo_data(demo_shards, samples_per_epoch=samples),
     }  # fmt: skip
-    path = work / "override.yaml"
-    path.write_text(yaml.safe_dump(override))
+    path = write_yaml(work / "override.yaml", override)
     command = [
         sys.executable, "-m", "lightning_registers.cli", "submit",
         "--config", str(ROOT / "configs/demo/supervised.yaml"), "--config", str(path),
