@@ -13,17 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ..callbacks.figures import plt, save_figure
+from ..objectives.knn import standardize
 
 
 def image_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the probes' training and test images: a fixed random half each (sorted)."""
     index = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     return index[: (n + 1) // 2].sort().values, index[(n + 1) // 2 :].sort().values
-
-
-def _standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    mean, std = train.mean(0), train.std(0).clamp_min(1e-6)
-    return [(x - mean) / std for x in (train, *others)]
 
 
 def fit_softmax_regression(
@@ -85,9 +81,7 @@ def position_probe(
     positions = torch.arange(p).expand(n, p)
     x_train = patches[train].reshape(-1, d)
     keep = _sample(len(x_train), max_tokens)
-    x_train, x_test = _standardize(
-        x_train[keep].to(device), patches[test].reshape(-1, d).to(device)
-    )
+    x_train, x_test = standardize(x_train[keep].to(device), patches[test].reshape(-1, d).to(device))
     probe = fit_softmax_regression(x_train, positions[train].reshape(-1)[keep].to(device), p)
     predicted = probe(x_test).argmax(-1).cpu()
     truth = positions[test].reshape(-1)
@@ -122,9 +116,7 @@ def pixel_probe(
     x_train = patches[train].reshape(-1, d)
     y_train = target[train].reshape(-1, target.shape[-1])
     keep = _sample(len(x_train), max_tokens)
-    x_train, x_test = _standardize(
-        x_train[keep].to(device), patches[test].reshape(-1, d).to(device)
-    )
+    x_train, x_test = standardize(x_train[keep].to(device), patches[test].reshape(-1, d).to(device))
     weight, bias = fit_ridge(x_train, y_train[keep].to(device))
     y_test = target[test].reshape(-1, target.shape[-1]).to(device)
     error = (x_test @ weight + bias - y_test).norm(dim=-1).cpu()
@@ -167,7 +159,7 @@ def token_classification(
         if labels[tr].unique().numel() < 2 or not len(te):
             out[kind] = {"accuracy": None, "test_images": int(len(te))}
             continue
-        x_train, x_test = _standardize(features[tr].to(device), features[te].to(device))
+        x_train, x_test = standardize(features[tr].to(device), features[te].to(device))
         probe = fit_softmax_regression(x_train, labels[tr].to(device), int(labels.max()) + 1)
         predicted = probe(x_test).argmax(-1).cpu()
         accuracy = (predicted == labels[te]).float().mean().item()

@@ -6,6 +6,12 @@ import torch
 import torch.nn.functional as F
 
 
+def standardize(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """``train`` and ``others`` shifted and scaled per feature by ``train``'s mean and std."""
+    mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
+    return [(x - mean) / std for x in (train, *others)]
+
+
 def knn_accuracy(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -43,10 +49,7 @@ def linear_probe_accuracy(
     """Top-1 of a logistic regression trained full-batch (AdamW from zeros, so no randomness)
     on standardized train features."""
     with torch.inference_mode(False), torch.enable_grad():
-        train = train_features.float().clone()
-        test = test_features.float().clone()
-        mean, std = train.mean(dim=0), train.std(dim=0).clamp_min(1e-6)
-        train, test = (train - mean) / std, (test - mean) / std
+        train, test = standardize(train_features.float().clone(), test_features.float().clone())
         weight = torch.zeros(train.shape[1], num_classes, device=train.device, requires_grad=True)
         bias = torch.zeros(num_classes, device=train.device, requires_grad=True)
         optimizer = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
