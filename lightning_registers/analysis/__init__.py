@@ -2,6 +2,7 @@
 ``lightning-registers analyze`` command: norm distributions and per-layer shares, neighbour
 similarity, linear probes, attention maps, LOST object discovery and test-time registers."""
 
+from ..callbacks.norms import OutlierRule
 from .analyze import AnalysisSettings, analyze, analyze_backbone, test_time_register_effect
 from .attention import attention_maps, attention_on_high_norm
 from .images import ImageSet, load_images, voc_boxes
@@ -11,7 +12,7 @@ from .neighbours import neighbour_cosine, neighbour_similarity, patch_embeddings
 from .norms import first_high_norm_layer, layer_statistics, norm_statistics
 from .probes import pixel_probe, position_probe, token_classification
 from .test_time_registers import RegisterNeuron, add_test_time_register, find_register_neurons
-from .tokens import OutlierRule, output_tokens, patch_norms_by_layer
+from .tokens import output_tokens, patch_norms_by_layer
 
 __all__ = [
     "AnalysisSettings",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..callbacks.norms import OUTPUT
+from ..callbacks.norms import OUTPUT, OutlierRule
 from .attention import (
     attention_maps,
     attention_on_high_norm,
@@ -31,7 +31,7 @@ from .norms import (
 from .probes import pixel_probe, plot_probes, position_probe, token_classification
 from .report import write_summary
 from .test_time_registers import add_test_time_register, find_register_neurons
-from .tokens import OutlierRule, device_of, output_tokens, patch_norms_by_layer
+from .tokens import device_of, output_tokens, patch_norms_by_layer
 
 STAGES = 6  # norms, neighbours, probes, attention, LOST, test-time registers
 TTR_SUFFIX = " + test-time register"

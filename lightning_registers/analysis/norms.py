@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 
 from ..callbacks.figures import plt, save_figure
-from ..callbacks.norms import OUTPUT
-from .tokens import OutlierRule
+from ..callbacks.norms import OUTPUT, OutlierRule, high_norm_stats
 
 PERCENTILES = (1, 25, 50, 75, 99)
 
@@ -18,13 +17,14 @@ def norm_statistics(norms: torch.Tensor, threshold: float = 150.0, factor: float
     """Scalars of a set of patch-token norms: the share above ``threshold``, the share above
     ``factor`` x the median, the percentiles ``pNN`` and the maximum."""
     flat = norms.flatten().float()
+    shares = high_norm_stats(flat, threshold, factor)
     quantiles = torch.quantile(flat, torch.tensor(PERCENTILES, dtype=torch.float) / 100)
     stats = {
-        "share_absolute": OutlierRule("absolute", threshold).mask(flat).float().mean().item(),
-        "share_relative": OutlierRule("relative", factor=factor).mask(flat).float().mean().item(),
+        "share_absolute": shares["high_norm_share"],
+        "share_relative": shares["high_norm_share_relative"],
     }
     stats.update({f"p{p}": q.item() for p, q in zip(PERCENTILES, quantiles, strict=True)})
-    stats["max"] = flat.max().item()
+    stats["max"] = shares["max"]
     return stats
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..callbacks.norms import token_norms
-from .tokens import OutlierRule, batches, device_of
+from ..callbacks.norms import OutlierRule, token_norms
+from .tokens import batches, device_of
 
 
 @dataclass(frozen=True)

@@ -1,42 +1,13 @@
-"""Token features of a backbone over many images, batch by batch, and the rule that says which
-patch tokens are high-norm."""
+"""Token features of a backbone over many images, batch by batch."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..callbacks.norms import token_norms
-
-RULES = ("relative", "absolute")
-
-
-@dataclass
-class OutlierRule:
-    """Which patch tokens are high-norm: norm above ``threshold`` (``absolute``, the paper's
-    150) or above ``factor`` times the median patch norm over all images (``relative``, the
-    scale-free rule of the monitors: 3 x a typical norm of 50 is 150)."""
-
-    kind: str = "relative"
-    threshold: float = 150.0
-    factor: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in RULES:
-            raise ValueError(f"outlier rule must be one of {RULES}, got {self.kind!r}")
-
-    def cut(self, norms: torch.Tensor) -> float:
-        """The norm above which a token of ``norms`` is high-norm."""
-        if self.kind == "absolute":
-            return self.threshold
-        return self.factor * norms.float().median().item()
-
-    def mask(self, norms: torch.Tensor) -> torch.Tensor:
-        """High-norm flags, the shape of ``norms``."""
-        return norms > self.cut(norms)
 
 
 def batches(images: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:

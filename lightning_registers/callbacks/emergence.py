@@ -7,10 +7,9 @@ import json
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from .norms import OUTPUT, TokenNormMonitor
+from .norms import OUTPUT, RULES, TokenNormMonitor
 from .probe import monitored_backbones, run_dir, tensorboard
 
-RULES = ("relative", "absolute")
 EVENTS_FILE = "artifact_events.jsonl"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,32 @@ from .probe import ProbeCallback, monitored_backbones
 
 TOKEN_KINDS = ("cls", "registers", "patches")
 OUTPUT = "output"
+RULES = ("relative", "absolute")
+
+
+@dataclass
+class OutlierRule:
+    """Which patch tokens are high-norm: norm above ``threshold`` (``absolute``, the paper's
+    150) or above ``factor`` times the median of the norms judged together (``relative``, the
+    scale-free rule: 3 x a typical norm of 50 is 150)."""
+
+    kind: str = "relative"
+    threshold: float = 150.0
+    factor: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in RULES:
+            raise ValueError(f"outlier rule must be one of {RULES}, got {self.kind!r}")
+
+    def cut(self, norms: torch.Tensor) -> float:
+        """The norm above which a token of ``norms`` is high-norm."""
+        if self.kind == "absolute":
+            return self.threshold
+        return self.factor * norms.float().median().item()
+
+    def mask(self, norms: torch.Tensor) -> torch.Tensor:
+        """High-norm flags, the shape of ``norms``."""
+        return norms > self.cut(norms)
 
 
 def layer_name(index: int) -> str:
@@ -73,9 +100,10 @@ def high_norm_stats(
     share above ``relative_threshold`` times the median norm, and max over median."""
     flat = patch_norms.flatten().float()
     median = flat.median()
+    relative = OutlierRule("relative", factor=relative_threshold)
     return {
-        "high_norm_share": (flat > threshold).float().mean().item(),
-        "high_norm_share_relative": (flat > relative_threshold * median).float().mean().item(),
+        "high_norm_share": OutlierRule("absolute", threshold).mask(flat).float().mean().item(),
+        "high_norm_share_relative": relative.mask(flat).float().mean().item(),
         "max_over_median": (flat.max() / median.clamp_min(1e-12)).item(),
         "median": median.item(),
         "max": flat.max().item(),
