@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks.figures import plt, save_figure
+from ..callbacks.figures import histogram_range, plt, save_figure
 from ..callbacks.norms import OUTPUT, OutlierRule, high_norm_stats
 
 PERCENTILES = (1, 25, 50, 75, 99)
@@ -52,10 +52,7 @@ def plot_norm_distributions(
         values = values.flatten().float()
         cut = rule.cut(values)
         share = (values > cut).float().mean().item()
-        # Normalized outputs can all have the same norm: give the bins a finite width.
-        low, high = values.min().item(), values.max().item()
-        high = max(high, low + 1e-3 * max(1.0, low))
-        ax.hist(values.numpy(), bins=80, range=(low, high), log=True, color="tab:blue")
+        ax.hist(values.numpy(), bins=80, range=histogram_range(values), log=True, color="tab:blue")
         ax.axvline(cut, color="tab:red", linestyle="--", linewidth=1)
         ax.set_title(f"{name}\n{100 * share:.2f}% above {cut:.3g}", fontsize=9)
         ax.set_xlabel("output patch-token norm", fontsize=8)

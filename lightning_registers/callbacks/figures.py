@@ -86,6 +86,13 @@ def save_grid_png(
     return save_figure(fig, path)
 
 
+def histogram_range(values) -> tuple[float, float]:
+    """The range to bin ``values`` over: normalized outputs can all have the same norm, so the
+    bins get a finite width."""
+    low, high = float(values.min()), float(values.max())
+    return low, max(high, low + 1e-3 * max(1.0, low))
+
+
 def save_norm_histograms_png(
     patch_norms: dict[str, torch.Tensor], threshold: float, path: Path, title: str
 ) -> Path:
@@ -96,9 +103,7 @@ def save_norm_histograms_png(
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, layer in zip(axes.flat, layers, strict=False):
         values = patch_norms[layer].flatten().double().cpu().numpy()
-        # Normalized outputs can all have the same norm: give the bins a finite width.
-        low, high = values.min(), max(values.max(), values.min() + 1e-3 * max(1.0, values.min()))
-        ax.hist(values, bins=60, range=(low, high), log=True, color="tab:blue")
+        ax.hist(values, bins=60, range=histogram_range(values), log=True, color="tab:blue")
         if threshold <= values.max() * 1.5:
             ax.axvline(threshold, color="tab:red", linestyle="--", linewidth=1)
         ax.set_title(layer, fontsize=9)
