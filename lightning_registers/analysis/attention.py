@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..callbacks.attention import attention_grids, prefix_attention, query_names
-from ..callbacks.figures import plt, save_figure, save_grid_png
+from ..callbacks.figures import draw_grid, plt, save_figure, save_grid_png
 from .tokens import batches, device_of
 
 
@@ -55,12 +55,7 @@ def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], p
         gridspec_kw={"width_ratios": widths},
     )
     for ax, (name, (image, titles)) in zip(axes[0], panels.items(), strict=True):
-        width = image.shape[-1]
-        ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.set_xticks([(i + 0.5) * width / len(titles) for i in range(len(titles))])
-        ax.set_xticklabels(titles, fontsize=7)
-        ax.set_yticks([])
-        ax.set_title(f"{name}: last-block attention, head mean", fontsize=9)
+        draw_grid(ax, image, titles, f"{name}: last-block attention, head mean")
     return save_figure(fig, path)
 
 

@@ -72,17 +72,23 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def draw_grid(ax, image: torch.Tensor, column_titles: Sequence[str], title: str) -> None:
+    """A grid from ``grid`` on ``ax``, each column titled below."""
+    width = image.shape[-1]
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.set_xticks([(i + 0.5) * width / len(column_titles) for i in range(len(column_titles))])
+    ax.set_xticklabels(column_titles, fontsize=8)
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+
+
 def save_grid_png(
     image: torch.Tensor, column_titles: Sequence[str], path: Path, title: str
 ) -> Path:
     """A grid from ``grid`` as a PNG figure with column titles."""
     height, width = image.shape[-2:]
     fig, ax = plt.subplots(figsize=(max(4.0, width / 80), max(3.0, height / 80 + 0.6)))
-    ax.imshow(image.permute(1, 2, 0).numpy())
-    ax.set_xticks([(i + 0.5) * width / len(column_titles) for i in range(len(column_titles))])
-    ax.set_xticklabels(column_titles, fontsize=8)
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=10)
+    draw_grid(ax, image, column_titles, title)
     return save_figure(fig, path)
 
 
