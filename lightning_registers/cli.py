@@ -181,7 +181,7 @@ def export_main(args: list[str]) -> None:
 
 def analyze_parser() -> argparse.ArgumentParser:
     from .analysis.lost import FEATURES
-    from .callbacks.norms import RULES
+    from .measures.norms import RULES
     from .models import LAYOUTS
 
     parser = argparse.ArgumentParser(

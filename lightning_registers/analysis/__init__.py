@@ -2,7 +2,7 @@
 ``lightning-registers analyze`` command: norm distributions and per-layer shares, neighbour
 similarity, linear probes, attention maps, LOST object discovery and test-time registers."""
 
-from ..callbacks.norms import OutlierRule
+from ..measures.norms import OutlierRule
 from .analyze import AnalysisSettings, analyze, analyze_backbone, test_time_register_effect
 from .attention import attention_maps, attention_on_high_norm
 from .images import ImageSet, load_images, voc_boxes

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..callbacks.norms import OUTPUT, OutlierRule
+from ..measures.norms import OUTPUT, OutlierRule
 from .attention import (
     attention_maps,
     attention_on_high_norm,

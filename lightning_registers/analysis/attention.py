@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..callbacks.attention import attention_grids, prefix_attention, query_names
-from ..callbacks.figures import draw_grid, plt, save_figure, save_grid_png
+from ..measures.attention import attention_grids, prefix_attention, query_names
+from ..measures.figures import draw_grid, plt, save_figure, save_grid_png
 from .tokens import batches, device_of
 
 

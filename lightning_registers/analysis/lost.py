@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..callbacks.figures import display_images, plt, save_figure
+from ..measures.figures import display_images, plt, save_figure
 from .tokens import batches, device_of
 
 FEATURES = ("keys", "values", "queries")

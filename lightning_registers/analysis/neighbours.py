@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..callbacks.figures import plt, save_figure
+from ..measures.figures import plt, save_figure
 from .tokens import batches, device_of
 
 

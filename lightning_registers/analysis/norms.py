@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..callbacks.figures import histogram_range, plt, save_figure
-from ..callbacks.norms import OUTPUT, OutlierRule, high_norm_stats
+from ..measures.figures import histogram_range, plt, save_figure
+from ..measures.norms import OUTPUT, OutlierRule, high_norm_stats
 
 PERCENTILES = (1, 25, 50, 75, 99)
 
@@ -20,7 +20,7 @@ def norm_statistics(norms: torch.Tensor, threshold: float = 150.0, factor: float
     shares = high_norm_stats(flat, threshold, factor)
     quantiles = torch.quantile(flat, torch.tensor(PERCENTILES, dtype=torch.float) / 100)
     stats = {
-        "share_absolute": shares["high_norm_share"],
+        "share_absolute": shares["high_norm_share_absolute"],
         "share_relative": shares["high_norm_share_relative"],
     }
     stats.update({f"p{p}": q.item() for p, q in zip(PERCENTILES, quantiles, strict=True)})

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..callbacks.figures import plt, save_figure
+from ..measures.figures import plt, save_figure
 from ..objectives.knn import standardize
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..callbacks.norms import OutlierRule, token_norms
+from ..measures.norms import OutlierRule, token_norms
 from .tokens import batches, device_of
 
 

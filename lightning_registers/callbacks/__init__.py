@@ -1,19 +1,16 @@
-"""Monitoring callbacks: token norms, attention maps and artifact emergence in TensorBoard."""
+"""Monitoring callbacks: thin Lightning adapters over ``measures`` that log token norms,
+attention maps and artifact emergence to TensorBoard."""
 
-from .attention import AttentionMapMonitor, prefix_attention
+from .attention import AttentionMapMonitor
 from .emergence import ArtifactEmergence
-from .norms import OutlierRule, TokenNormMonitor, high_norm_stats, token_norms
+from .norms import TokenNormMonitor
 from .probe import ProbeCallback, monitored_backbones, probing
 
 __all__ = [
     "ArtifactEmergence",
     "AttentionMapMonitor",
-    "OutlierRule",
     "ProbeCallback",
     "TokenNormMonitor",
-    "high_norm_stats",
     "monitored_backbones",
     "probing",
-    "prefix_attention",
-    "token_norms",
 ]

@@ -7,7 +7,8 @@ import json
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from .norms import OUTPUT, RULES, TokenNormMonitor
+from ..measures.norms import OUTPUT, RULES, OutlierRule
+from .norms import TokenNormMonitor
 from .probe import monitored_backbones, run_dir, tensorboard
 
 EVENTS_FILE = "artifact_events.jsonl"
@@ -38,7 +39,7 @@ class ArtifactEmergence(Callback):
         self.level = level
         self.patience = patience
         self.layer = layer
-        self.key = "high_norm_share_relative" if rule == "relative" else "high_norm_share"
+        self.key = OutlierRule(rule).share_key
         self.present: dict[str, bool] = {}
         self.streak: dict[str, list[int]] = {}
         self.events: list[dict] = []

@@ -1,15 +1,15 @@
-"""Token-norm monitoring: where high-norm artifact tokens appear (paper Fig. 3, 4, 5b)."""
+"""Token-norm monitoring in TensorBoard: where high-norm artifact tokens appear (paper Fig. 3,
+4, 5b)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .figures import (
+from ..measures.figures import (
     display_images,
     grid,
     heatmaps,
@@ -17,97 +17,18 @@ from .figures import (
     save_norm_histograms_png,
     save_share_by_layer_png,
 )
+from ..measures.norms import (
+    OUTPUT,
+    RULES,
+    TOKEN_KINDS,
+    OutlierRule,
+    high_norm_stats,
+    layer_name,
+    token_norms,
+)
 from .probe import ProbeCallback, monitored_backbones
 
-TOKEN_KINDS = ("cls", "registers", "patches")
-OUTPUT = "output"
-RULES = ("relative", "absolute")
-
-
-@dataclass
-class OutlierRule:
-    """Which patch tokens are high-norm: norm above ``threshold`` (``absolute``, the paper's
-    150) or above ``factor`` times the median of the norms judged together (``relative``, the
-    scale-free rule: 3 x a typical norm of 50 is 150)."""
-
-    kind: str = "relative"
-    threshold: float = 150.0
-    factor: float = 3.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in RULES:
-            raise ValueError(f"outlier rule must be one of {RULES}, got {self.kind!r}")
-
-    def cut(self, norms: torch.Tensor) -> float:
-        """The norm above which a token of ``norms`` is high-norm."""
-        if self.kind == "absolute":
-            return self.threshold
-        return self.factor * norms.float().median().item()
-
-    def mask(self, norms: torch.Tensor) -> torch.Tensor:
-        """High-norm flags, the shape of ``norms``."""
-        return norms > self.cut(norms)
-
-
-def layer_name(index: int) -> str:
-    return f"block{index:02d}"
-
-
-def token_norms(
-    backbone: nn.Module, images: torch.Tensor, blocks: Sequence[int]
-) -> dict[str, dict[str, torch.Tensor]]:
-    """L2 norms of the tokens after each listed block (the residual stream) and of the final
-    normalized output, split by kind: ``{layer: {"cls": (B,), "registers": (B, R),
-    "patches": (B, N)}}`` with layers named ``blockNN`` and ``output``. Runs the backbone's own
-    forward (hooks read the blocks), so FSDP2 gathers and frees parameters as in training."""
-    depth = backbone.depth
-    wanted = sorted({i % depth for i in blocks})
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(index: int):
-        def hook(module, args, output):
-            captured[index] = output.detach().float().norm(dim=-1)  # not the whole stream
-
-        return hook
-
-    handles = [backbone.blocks[i].register_forward_hook(keep(i)) for i in wanted]
-    try:
-        features = backbone(images, return_features=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    r = backbone.num_prefix_tokens
-    result = {}
-    for i in wanted:
-        norms = captured[i]
-        result[layer_name(i)] = {
-            "cls": norms[:, 0],
-            "registers": norms[:, 1:r],
-            "patches": norms[:, r:],
-        }
-    result[OUTPUT] = {
-        "cls": features["x_norm_clstoken"].float().norm(dim=-1),
-        "registers": features["x_norm_regtokens"].float().norm(dim=-1),
-        "patches": features["x_norm_patchtokens"].float().norm(dim=-1),
-    }
-    return result
-
-
-def high_norm_stats(
-    patch_norms: torch.Tensor, threshold: float, relative_threshold: float
-) -> dict[str, float]:
-    """Scalars of one layer's patch-token norms: the share above the absolute ``threshold``, the
-    share above ``relative_threshold`` times the median norm, and max over median."""
-    flat = patch_norms.flatten().float()
-    median = flat.median()
-    relative = OutlierRule("relative", factor=relative_threshold)
-    return {
-        "high_norm_share": OutlierRule("absolute", threshold).mask(flat).float().mean().item(),
-        "high_norm_share_relative": relative.mask(flat).float().mean().item(),
-        "max_over_median": (flat.max() / median.clamp_min(1e-12)).item(),
-        "median": median.item(),
-        "max": flat.max().item(),
-    }
+SHARE_KEYS = tuple(OutlierRule(kind).share_key for kind in RULES)
 
 
 class TokenNormMonitor(ProbeCallback):
@@ -118,11 +39,11 @@ class TokenNormMonitor(ProbeCallback):
     tokens):
 
     - histograms ``token_norms/NAME/LAYER/{cls,registers,patches}``;
-    - scalars ``artifacts/NAME/LAYER/high_norm_share`` (patch tokens with norm above
-      ``threshold``, the paper's 150), ``.../high_norm_share_relative`` (above
-      ``relative_threshold`` times the median patch norm of that layer on the probe batch: a
-      scale-free rule that judges small models with other norm scales fairly; 3 x median
-      equals 150 for the paper's typical normal-token norm of 50) and ``.../max_over_median``;
+    - scalars ``artifacts/NAME/LAYER/high_norm_share_absolute`` (patch tokens with norm above
+      ``threshold``, the paper's 150), ``.../high_norm_share_relative`` (above ``factor``
+      times the median patch norm of that layer on the probe batch: a scale-free rule that
+      judges small models with other norm scales fairly; 3 x median equals 150 for the
+      paper's typical normal-token norm of 50) and ``.../max_over_median``;
     - images ``norm_maps/NAME``: each probe image beside its per-patch norm map at each of
       ``map_layers`` (one colour scale per layer).
 
@@ -131,7 +52,7 @@ class TokenNormMonitor(ProbeCallback):
         layers: block indices to watch (negative from the end); default every block. The
             final normalized output is always watched.
         threshold: absolute norm threshold of a high-norm token.
-        relative_threshold: factor of the median norm for the scale-free rule.
+        factor: factor of the median norm for the scale-free rule.
         probe_size: validation images in the probe batch.
         n_images: probe images drawn in the norm-map grid.
         map_layers: layers drawn as norm maps.
@@ -143,7 +64,7 @@ class TokenNormMonitor(ProbeCallback):
         every_n_steps: int = 500,
         layers: list[int] | None = None,
         threshold: float = 150.0,
-        relative_threshold: float = 3.0,
+        factor: float = 3.0,
         probe_size: int = 16,
         n_images: int = 4,
         map_layers: list[str] | None = None,
@@ -152,11 +73,20 @@ class TokenNormMonitor(ProbeCallback):
         super().__init__(every_n_steps, probe_size, save_png)
         self.layers = layers
         self.threshold = threshold
-        self.relative_threshold = relative_threshold
+        self.factor = factor
         self.n_images = n_images
         self.map_layers = map_layers or [OUTPUT]
         self.subscribers: list[Callable[[int, str, dict], None]] = []
         """Called as ``f(step, name, result)`` after each measurement (ArtifactEmergence)."""
+
+    def rules(self) -> dict[str, OutlierRule]:
+        """The absolute and the relative rule of this monitor, by legend label."""
+        return {
+            f"norm > {self.threshold:g}": OutlierRule("absolute", self.threshold, self.factor),
+            f"norm > {self.factor:g} x median": OutlierRule(
+                "relative", self.threshold, self.factor
+            ),
+        }
 
     def layer_names(self, depth: int) -> list[str]:
         """The layers watched in a backbone of ``depth`` blocks."""
@@ -183,7 +113,7 @@ class TokenNormMonitor(ProbeCallback):
         self._check_layers(backbone.depth)
         norms = token_norms(backbone, images, blocks)
         stats = {
-            layer: high_norm_stats(kinds["patches"], self.threshold, self.relative_threshold)
+            layer: high_norm_stats(kinds["patches"], self.threshold, self.factor)
             for layer, kinds in norms.items()
         }
         grid_size = (
@@ -204,7 +134,7 @@ class TokenNormMonitor(ProbeCallback):
             for kind in TOKEN_KINDS:
                 if kinds[kind].numel():
                     writer.add_histogram(f"token_norms/{name}/{layer}/{kind}", kinds[kind], step)
-            for key in ("high_norm_share", "high_norm_share_relative", "max_over_median"):
+            for key in (*SHARE_KEYS, "max_over_median"):
                 writer.add_scalar(
                     f"artifacts/{name}/{layer}/{key}", result["stats"][layer][key], step
                 )
@@ -236,12 +166,8 @@ class TokenNormMonitor(ProbeCallback):
                 )
             )
             shares = {
-                f"norm > {self.threshold:g}": {
-                    layer: s["high_norm_share"] for layer, s in result["stats"].items()
-                },
-                f"norm > {self.relative_threshold:g} x median": {
-                    layer: s["high_norm_share_relative"] for layer, s in result["stats"].items()
-                },
+                label: {layer: s[rule.share_key] for layer, s in result["stats"].items()}
+                for label, rule in self.rules().items()
             }
             paths.append(
                 save_share_by_layer_png(

@@ -12,8 +12,9 @@ from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
 
-from lightning_registers.callbacks import prefix_attention, probing, token_norms
+from lightning_registers.callbacks import probing
 from lightning_registers.cli import close_process_group
+from lightning_registers.measures import prefix_attention, token_norms
 from lightning_registers.models import RegisterViT
 
 

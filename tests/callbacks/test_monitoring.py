@@ -17,11 +17,10 @@ from lightning_registers.callbacks import (
     ArtifactEmergence,
     AttentionMapMonitor,
     TokenNormMonitor,
-    high_norm_stats,
     probing,
-    token_norms,
 )
 from lightning_registers.data import ShardDataModule
+from lightning_registers.measures import high_norm_stats, token_norms
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import SupervisedModule
 
@@ -133,7 +132,7 @@ def test_token_norms_match_the_backbone_outputs():
 
 def test_high_norm_stats_by_hand():
     stats = high_norm_stats(torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 200.0]]), 150.0, 3.0)
-    assert stats["high_norm_share"] == pytest.approx(1 / 6)
+    assert stats["high_norm_share_absolute"] == pytest.approx(1 / 6)
     # torch's median of an even count is the lower middle value: 3, so the rule is norm > 9.
     assert stats["high_norm_share_relative"] == pytest.approx(2 / 6)
     assert stats["max_over_median"] == pytest.approx(200 / 3)
@@ -183,7 +182,7 @@ def test_planted_high_norm_tokens_are_read_back_from_the_event_files(tmp_path, d
     events = accumulator(trainer.log_dir)
     share = len(PLANTED) / 16
     for layer in ("block00", "block01", "output"):
-        for rule in ("high_norm_share", "high_norm_share_relative"):
+        for rule in ("high_norm_share_absolute", "high_norm_share_relative"):
             values = events.Scalars(f"artifacts/backbone/{layer}/{rule}")
             assert [v.step for v in values] == [0, 2, 4, 6]
             assert all(v.value == pytest.approx(share) for v in values), (layer, rule)
@@ -239,7 +238,9 @@ def test_normal_weights_report_no_emergence(tmp_path, demo_shards):
     trainer = fit(tmp_path, demo_shards, tiny_backbone(), monitors())
     events = accumulator(trainer.log_dir)
     assert [s.value for s in events.Scalars("artifacts/backbone/present")] == [0, 0, 0, 0]
-    assert all(s.value == 0 for s in events.Scalars("artifacts/backbone/output/high_norm_share"))
+    assert all(
+        s.value == 0 for s in events.Scalars("artifacts/backbone/output/high_norm_share_absolute")
+    )
     assert "artifacts/events/text_summary" not in events.Tags()["tensors"]
     assert not (tmp_path / "run" / "version_0" / "artifact_events.jsonl").exists()
 

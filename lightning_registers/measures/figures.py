@@ -1,5 +1,5 @@
-"""Drawing for the monitors: fast heat-map grids for TensorBoard (a colour-map lookup, no
-figure rendering) and matplotlib figures for PNG files."""
+"""Drawing for the monitors and the analysis: fast heat-map grids for TensorBoard (a colour-map
+lookup, no figure rendering) and matplotlib figures for PNG files."""
 
 from __future__ import annotations
 
