@@ -12,7 +12,7 @@ from demo_run import ROOT, demo_data, write_yaml
 from lightning_registers.cli import lightning_main, main
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-OBJECTIVE_CONFIGS = [c for c in CONFIGS if c.parent.name != "trainer"]
+OBJECTIVE_CONFIGS = [c for c in CONFIGS if c.parent.name not in ("trainer", "monitoring")]
 TRAINER_FRAGMENTS = [c for c in CONFIGS if c.parent.name == "trainer"]
 
 
