@@ -1,9 +1,9 @@
 """Webdataset shards: writing, the generated demo dataset, transforms and the DataModule."""
 
-from .datamodule import ShardDataModule, skipped_in_batch
+from .datamodule import ShardDataModule, ShardLoader, skipped_in_batch
 from .masking import BlockMaskGenerator
 from .scenes import CLASS_NAMES, generate_scene
-from .stream import ShardStream, SkipCounter, expand_urls
+from .stream import NoReadableSampleError, ShardStream, SkipCounter, expand_urls
 from .transforms import ClipTransform, EvalTransform, MultiCropTransform, ThreeAugment
 from .writers import (
     WriteSummary,
@@ -18,7 +18,9 @@ __all__ = [
     "ClipTransform",
     "EvalTransform",
     "MultiCropTransform",
+    "NoReadableSampleError",
     "ShardDataModule",
+    "ShardLoader",
     "ShardStream",
     "SkipCounter",
     "ThreeAugment",

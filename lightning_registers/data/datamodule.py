@@ -1,9 +1,10 @@
-"""One LightningDataModule over webdataset shards for every objective."""
+"""One LightningDataModule over webdataset shards for every objective, and the DataLoader that
+reports every skip of its stream's workers in the batches."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +12,59 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, default_collate
 
-from .stream import ShardStream, expand_urls
+from .stream import NoReadableSampleError, ShardStream, expand_urls
 
 Transform = Callable[[dict], dict]
+
+
+class _SkipReportsApart:
+    """``collate`` for batches of samples; a worker's skip report, alone in its batch, as is."""
+
+    def __init__(self, collate: Callable[[list], dict]) -> None:
+        self.collate = collate
+
+    def __call__(self, items: list[dict]) -> dict:
+        if len(items) == 1 and items[0].keys() == {"skipped"}:
+            return {"skipped": torch.tensor([items[0]["skipped"]])}
+        return self.collate(items)
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a ``ShardStream`` whose batches carry in ``skipped`` every sample and
+    shard remainder its workers skipped: a worker's end-of-pass report (``{"skipped": n}``, from
+    a worker that yielded no sample) is no batch; its count joins the batch before it, so one
+    batch is held back until the next arrives. A pass that skipped but made no batch raises
+    ``NoReadableSampleError`` naming the shards."""
+
+    def __init__(self, dataset: ShardStream, *args, collate_fn=default_collate, **kwargs) -> None:
+        if not isinstance(collate_fn, _SkipReportsApart):
+            collate_fn = _SkipReportsApart(collate_fn)
+        super().__init__(dataset, *args, collate_fn=collate_fn, **kwargs)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._batches(super().__iter__())
+
+    def _batches(self, batches: Iterator[dict]) -> Iterator[dict]:
+        held, reported = None, 0
+        for batch in batches:
+            if batch.keys() == {"skipped"}:
+                reported += skipped_in_batch(batch)
+                continue
+            if held is not None:
+                held["skipped"][0] += reported
+                reported = 0
+                yield held
+            held = batch
+        if held is not None:
+            held["skipped"][0] += reported
+            yield held
+        elif reported:
+            urls = self.dataset.urls
+            names = ", ".join(urls[:5]) + (f" and {len(urls) - 5} more" if len(urls) > 5 else "")
+            raise NoReadableSampleError(
+                f"no readable sample in the shards {names} ({reported} skipped, each named in "
+                "a warning): fix or remove these shards"
+            )
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -31,7 +82,8 @@ class ShardDataModule(L.LightningDataModule):
         shuffle_buffer: samples held in each worker's shuffle buffer.
         seed: seed of shard order and shuffling (augmentations follow Lightning's seed).
         image_size: image side the objective trains at (linked to the model).
-        num_classes: number of classes (linked to the model where it has a classifier).
+        num_classes: number of classes (linked to the model where it has a classifier); a
+            sample whose ``.cls`` is outside ``[0, num_classes)`` is skipped and counted.
         class_names_file: JSON list of class names (for zero-shot prompts); by default the
             ``classes.json`` next to the shards' folder, when there is one.
         persistent_workers: keep workers between epochs.
@@ -102,8 +154,8 @@ class ShardDataModule(L.LightningDataModule):
     def _pin_memory(self) -> bool:
         return self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
 
-    def _loader(self, dataset: ShardStream, batch_size: int) -> DataLoader:
-        return DataLoader(
+    def _loader(self, dataset: ShardStream, batch_size: int) -> ShardLoader:
+        return ShardLoader(
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
@@ -125,31 +177,34 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             start_epoch=self.start_epoch,
+            num_classes=self.num_classes,
         )
 
     def val_dataset(self, transform: Transform) -> ShardStream:
         """The validation shards read once, in order, through ``transform``."""
         if not self.val_shards:
             raise ValueError("no val_urls configured: set data.val_urls to validate")
-        return ShardStream(self.val_shards, transform, train=False)
+        return ShardStream(self.val_shards, transform, train=False, num_classes=self.num_classes)
 
-    def train_eval_dataloader(self, transform: Transform) -> DataLoader:
+    def train_eval_dataloader(self, transform: Transform) -> ShardLoader:
         """The training shards read once in order through an evaluation ``transform`` (the
         reference set of k-NN and linear probes), split by rank and worker like validation."""
         if not self.train_shards:
             raise ValueError("no train_urls configured: set data.train_urls")
-        dataset = ShardStream(self.train_shards, transform, train=False)
+        dataset = ShardStream(
+            self.train_shards, transform, train=False, num_classes=self.num_classes
+        )
         return self._loader(dataset, self.val_batch_size)
 
-    def train_dataloader(self, transform: Transform | None = None) -> DataLoader:
+    def train_dataloader(self, transform: Transform | None = None) -> ShardLoader:
         dataset = self.train_dataset(transform or self._transform(train=True))
         return self._loader(dataset, self.batch_size)
 
-    def val_dataloader(self, transform: Transform | None = None) -> DataLoader:
+    def val_dataloader(self, transform: Transform | None = None) -> ShardLoader:
         dataset = self.val_dataset(transform or self._transform(train=False))
         return self._loader(dataset, self.val_batch_size)
 
-    def test_dataloader(self, transform: Transform | None = None) -> DataLoader:
+    def test_dataloader(self, transform: Transform | None = None) -> ShardLoader:
         return self.val_dataloader(transform)
 
     def state_dict(self) -> dict:

@@ -18,17 +18,25 @@ import itertools
 import multiprocessing
 import os
 import random
+import re
+import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
+from .samples import check_label
+
 Transform = Callable[[dict], dict]
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not samples
 
 
 def _is_local(url: str) -> bool:
@@ -64,34 +72,188 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
 
 
 class SkipCounter:
-    """Counts what a worker skipped (bad shards, undecodable or incomplete samples) and warns,
-    naming the shard and key, for the first ``warn_first`` and then every ``warn_every``-th."""
+    """Counts what a worker skipped (bad shards, undecodable or incomplete samples) and what it
+    used, and warns: naming the shard and sample for the first ``warn_first`` skips of each shard
+    and then its 10th, 100th, 1000th...; and when more than ``max_skipped_share`` of what it read
+    was skipped (checked after 100, 200, 400... samples read)."""
 
-    def __init__(self, warn_first: int = 10, warn_every: int = 100) -> None:
+    def __init__(self, warn_first: int = 3, max_skipped_share: float = 0.1) -> None:
         self.total = 0
         self.pending = 0
-        self.warn_first, self.warn_every = warn_first, warn_every
+        self.used = 0
+        self.warn_first, self.max_skipped_share = warn_first, max_skipped_share
+        self._by_shard: dict[str | None, int] = {}
+        self._next_check = 100
 
-    def record(self, where: str, exn: BaseException) -> None:
+    def record(self, where: str, exn: BaseException, shard: str | None = None) -> None:
+        """One skipped sample or shard remainder, ``where`` naming it."""
         self.total += 1
         self.pending += 1
-        if self.total <= self.warn_first or self.total % self.warn_every == 0:
+        n = self._by_shard[shard] = self._by_shard.get(shard, 0) + 1
+        if n <= self.warn_first or str(n).rstrip("0") == "1":
             reason = f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+            counted = f" ({n} skipped in this shard so far)" if shard else ""
+            warnings.warn(f"skipped {where}: {reason}{counted}", stacklevel=2)
+        self._check_share()
+
+    def use(self) -> None:
+        """One sample used."""
+        self.used += 1
+        self._check_share()
+
+    def _check_share(self) -> None:
+        read = self.total + self.used
+        if read < self._next_check:
+            return
+        self._next_check = 2 * read
+        if self.total > self.max_skipped_share * read:
             warnings.warn(
-                f"skipped {where}: {reason} ({self.total} skipped so far in this worker)",
-                stacklevel=2,
+                f"{self.total} of the {read} samples and shards read so far by this worker were "
+                f"skipped ({self.total / read:.0%}, more than {self.max_skipped_share:.0%}): see "
+                "the warnings naming them",
+                stacklevel=3,
             )
 
     def shard_error(self, exn: BaseException) -> bool:
         """webdataset handler for errors reading a shard: record and go on."""
         url = next((a for a in exn.args[1:][::-1] if isinstance(a, str)), "unknown shard")
-        self.record(f"shard {url}", exn)
+        self.record(f"shard {url}", exn, url)
         return True
 
     def take(self) -> int:
         """Skips since the last call."""
         n, self.pending = self.pending, 0
         return n
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A tar header that ends the archive only where it is the end-of-archive marker (a zero
+    block): tarfile ends quietly at a missing, truncated or damaged header after the first one,
+    which would lose the rest of a shard cut at a member boundary without a word."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.EmptyHeaderError:
+            message = f"the file ends at byte {tar.offset} without an end-of-archive marker"
+            raise tarfile.ReadError(message) from None
+        except tarfile.HeaderError as exn:
+            raise tarfile.ReadError(f"{exn} at byte {tar.offset}") from None
+
+
+def _check_end(tar: tarfile.TarFile) -> None:
+    """Raise if anything but zeros follows the end-of-archive marker (a damaged block that
+    read as one, or tars concatenated, whose later members tarfile would not read)."""
+    while chunk := tar.fileobj.read(1 << 16):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"data after the end-of-archive marker at byte {tar.offset}")
+
+
+@dataclass
+class Unreadable:
+    """What a shard reader could not turn into a sample: one sample, or a shard's remainder."""
+
+    where: str
+    error: Exception
+
+
+def read_shard(url: str) -> Iterator[dict | Unreadable]:
+    """The samples of one shard in order, grouped as webdataset groups them (consecutive
+    members sharing a key; ``__key__`` and ``__url__`` added), with what cannot be read in their
+    place: a sample holding a member twice, or, after a read error, the rest of the shard (the
+    sample in progress included) as one ``Unreadable``.
+
+    webdataset's own reader reports one read error up to three times and carries a partly read
+    sample into the next shard; here tarfile reads what webdataset's ``gopen`` opens."""
+    sample: dict | None = None
+    done = 0
+
+    def finished(complete: dict) -> dict | Unreadable:
+        twice = complete.pop("__twice__", None)
+        if twice is None:
+            return complete
+        return Unreadable(f"sample {complete['__key__']} in shard {url}", ValueError(twice))
+
+    try:
+        with (
+            gopen(url) as stream,
+            tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar,
+        ):
+            for member in tar:
+                tar.members = []  # read once as a stream: keep no index of the members
+                key, ext = base_plus_ext(member.name)
+                if not member.isreg() or key is None or _META.match(member.name):
+                    continue
+                data = tar.extractfile(member).read()
+                if sample is None or key != sample["__key__"]:
+                    if sample is not None:
+                        yield finished(sample)
+                        done += 1
+                    sample = {"__key__": key, "__url__": url}
+                ext = ext.lower()
+                if ext in sample:
+                    sample["__twice__"] = f"member {member.name} appears twice"
+                sample[ext] = data
+            if sample is not None:  # complete: the archive ended at its marker
+                yield finished(sample)
+                done += 1
+            _check_end(tar)
+    except Exception as exn:  # noqa: BLE001 - whatever stops the read, the rest is unreadable
+        rest = f"the rest of shard {url} after {done} samples" if done else f"shard {url}"
+        yield Unreadable(rest, exn)
+
+
+class NoReadableSampleError(RuntimeError):
+    """A stream read whole passes over its shards without finding a sample it could use."""
+
+
+class _Pass:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.used = self.closed = False
+
+
+class PassWatch:
+    """Gives up on a training stream that cannot make progress: raises
+    ``NoReadableSampleError`` when ``limit`` passes in a row over the slot's shards gave it no
+    sample it could use. A pass ends once the reader closed it and each of its samples went
+    through the transform; passes are judged in their order, whatever the shuffle buffer holds
+    back. A ``limit`` of 0 never gives up (a stream read once ends by itself)."""
+
+    def __init__(self, limit: int, describe: Callable[[int], str]) -> None:
+        self.limit = limit
+        self.describe = describe
+        self.dead = 0
+        self.passes: dict[int, _Pass] = {}  # passes not judged yet, in their order
+
+    def read(self, n_pass: int) -> None:
+        """The reader handed this slot a sample of pass ``n_pass``."""
+        self.passes.setdefault(n_pass, _Pass()).in_flight += 1
+
+    def close(self, n_pass: int) -> None:
+        """The reader finished pass ``n_pass``."""
+        self.passes.setdefault(n_pass, _Pass()).closed = True
+        self._judge()
+
+    def transformed(self, n_pass: int, used: bool) -> None:
+        """A sample of pass ``n_pass`` went through the transform, usable or not."""
+        state = self.passes[n_pass]
+        state.in_flight -= 1
+        state.used |= used
+        self._judge()
+
+    def _judge(self) -> None:
+        while self.passes:
+            n_pass, state = next(iter(self.passes.items()))
+            if not state.closed or state.in_flight:
+                return
+            del self.passes[n_pass]
+            self.dead = 0 if state.used else self.dead + 1
+            if self.limit and self.dead >= self.limit:
+                raise NoReadableSampleError(self.describe(self.dead))
 
 
 def slot_info() -> tuple[int, int]:
@@ -110,7 +272,16 @@ def seed_augmentations(key: str) -> None:
 
 class ShardStream(IterableDataset):
     """Samples of ``urls`` through ``transform``, each carrying ``skipped``: how many bad
-    samples or shards this worker skipped since the sample before it.
+    samples or shard remainders this worker skipped since the sample before it (the last sample
+    also those after it). A worker that skipped but yields no sample ends its pass with a report
+    ``{"skipped": n}`` instead, which is no sample: ``ShardLoader`` folds it into a batch.
+
+    A sample is skipped, named in a rate-limited warning and counted exactly once when it cannot
+    be read, its ``.cls`` is no label in ``[0, num_classes)`` (see ``samples.decode_label``) or
+    the transform raises; an unreadable shard counts once for all it did not yield. A training
+    worker that reads a whole pass over its shards without a usable sample raises
+    ``NoReadableSampleError`` naming them (with fewer shards than workers, where every worker
+    reads every shard and keeps its own share, after as many passes as there are workers).
 
     Args:
         urls: expanded shard URLs.
@@ -124,6 +295,7 @@ class ShardStream(IterableDataset):
         start_epoch: epoch of the first iteration. The trainer sets each epoch with
             ``set_epoch`` (seen by persistent workers too); iterating in the main process
             without it moves to the next epoch after each pass.
+        num_classes: where given, a ``.cls`` outside ``[0, num_classes)`` skips the sample.
     """
 
     def __init__(
@@ -136,6 +308,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         start_epoch: int = 0,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if train and not samples_per_epoch:
@@ -147,6 +320,7 @@ class ShardStream(IterableDataset):
         self.batch_size = batch_size
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.num_classes = num_classes
         # Shared memory, so that workers started in an earlier epoch see the current one.
         self._epoch = multiprocessing.Value("i", start_epoch)
 
@@ -172,7 +346,7 @@ class ShardStream(IterableDataset):
             raise TypeError("a validation stream is read once and has no length")
         return self.batches_per_rank() * self.batch_size
 
-    def _shards(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def _passes(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[int, list[str]]]:
         """This slot's shards, pass after pass (once for validation), reshuffled every pass."""
         urls = list(self.urls)
         if len(urls) >= slots:
@@ -185,7 +359,43 @@ class ShardStream(IterableDataset):
         for n_pass in itertools.count() if self.train else range(1):
             if self.train:
                 random.Random(f"{self.seed}-{epoch}-{n_pass}-{tag}").shuffle(urls)
-            yield from ({"url": url} for url in urls)
+            yield n_pass, urls
+
+    def _read(
+        self, epoch: int, slot: int, slots: int, counter: SkipCounter, watch: PassWatch
+    ) -> Iterator[tuple[int, dict]]:
+        """(pass, raw sample) of this slot. With fewer shards than slots, the slot keeps every
+        slots-th item of the common sequence, skips included, so that each skip is counted by
+        one slot only; what cannot be read is counted here, ahead of the shuffle buffer."""
+        shared = len(self.urls) < slots
+        position = 0
+        for n_pass, urls in self._passes(epoch, slot, slots):
+            for url in urls:
+                for item in read_shard(url):
+                    position += 1
+                    if shared and (position - 1) % slots != slot:
+                        continue
+                    if isinstance(item, Unreadable):
+                        counter.record(item.where, item.error, url)
+                        continue
+                    watch.read(n_pass)
+                    yield n_pass, item
+            watch.close(n_pass)
+
+    def _describe(self, slot: int, slots: int, counter: SkipCounter) -> Callable[[int], str]:
+        urls = self.urls if len(self.urls) < slots else next(self._passes(0, slot, slots))[1]
+        names = ", ".join(urls[:5]) + (f" and {len(urls) - 5} more" if len(urls) > 5 else "")
+        rank, world_size, worker, num_workers = pytorch_worker_info()
+
+        def describe(passes: int) -> str:
+            return (
+                f"no readable sample in {passes} whole pass{'es' if passes > 1 else ''} over "
+                f"the shards {names} (DataLoader worker {worker} of {num_workers} on rank "
+                f"{rank} of {world_size}; {counter.total} skipped, each named in a warning): "
+                "fix or remove these shards"
+            )
+
+        return describe
 
     def __iter__(self) -> Iterator[dict]:
         slot, slots = slot_info()
@@ -195,28 +405,35 @@ class ShardStream(IterableDataset):
         if self.train:
             seed_augmentations(f"{self.seed}-{epoch}-slot{slot}")
         counter = SkipCounter()
-        samples = wds.tarfile_samples(self._shards(epoch, slot, slots), handler=counter.shard_error)
-        if len(self.urls) < slots:
-            samples = itertools.islice(samples, slot, None, slots)
+        limit = slots if len(self.urls) < slots else 1
+        watch = PassWatch(limit if self.train else 0, self._describe(slot, slots, counter))
+        samples = self._read(epoch, slot, slots, counter, watch)
         if self.train:
             rng = random.Random(f"{self.seed}-{epoch}-slot{slot}")
             initial = min(self.shuffle_buffer, 100)
             samples = wds.shuffle(self.shuffle_buffer, initial, rng=rng)(samples)
-        out = self._transformed(samples, counter)
+        out = self._transformed(samples, counter, watch)
         if self.train:
             out = itertools.islice(out, self.samples_for_slot(slot, slots))
         yield from out
 
-    def _transformed(self, samples: Iterator[dict], counter: SkipCounter) -> Iterator[dict]:
+    def _transformed(
+        self, samples: Iterator[tuple[int, dict]], counter: SkipCounter, watch: PassWatch
+    ) -> Iterator[dict]:
         # One item is held back so that skips after the last good sample are still reported.
         held = None
-        for sample in samples:
+        for n_pass, sample in samples:
             try:
+                if self.num_classes is not None:
+                    check_label(sample, self.num_classes)
                 item = self.transform(sample)
-            except Exception as exn:
-                where = f"sample {sample.get('__key__')} in shard {sample.get('__url__')}"
-                counter.record(where, exn)
+            except Exception as exn:  # noqa: BLE001 - any failure skips the sample
+                url = sample.get("__url__")
+                counter.record(f"sample {sample.get('__key__')} in shard {url}", exn, url)
+                watch.transformed(n_pass, used=False)
                 continue
+            counter.use()
+            watch.transformed(n_pass, used=True)
             if held is not None:
                 held["skipped"] = counter.take()
                 yield held
@@ -224,3 +441,5 @@ class ShardStream(IterableDataset):
         if held is not None:
             held["skipped"] = counter.take()
             yield held
+        elif counter.pending:
+            yield {"skipped": counter.take()}

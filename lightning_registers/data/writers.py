@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -115,9 +116,38 @@ def _encoded_image(path: Path) -> tuple[str, bytes]:
     return ext, data
 
 
-def _folder_samples(root: Path, classes: list[str], summary: WriteSummary) -> Iterator[dict]:
-    for label, name in enumerate(classes):
-        for path in sorted(p for p in (root / name).rglob("*") if p.is_file()):
+def _files(folder: Path, summary: WriteSummary, above: frozenset = frozenset()) -> list[Path]:
+    """The files under ``folder``, sorted, following symbolic links as torchvision's
+    ImageFolder does, but never into a folder that is already on the path (a link loop); a
+    loop or an entry that cannot be read is skipped with the reason."""
+    info = folder.stat()
+    above = above | {(info.st_dev, info.st_ino)}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exn:
+        summary.skip(str(folder), f"{type(exn).__name__}: {exn.strerror}")
+        return []
+    files = []
+    for entry in entries:
+        try:
+            info = entry.stat()
+        except OSError as exn:  # a broken link, or a link to itself
+            summary.skip(str(entry), f"{type(exn).__name__}: {exn.strerror}")
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            files.append(entry)
+        elif (info.st_dev, info.st_ino) in above:
+            summary.skip(str(entry), "symbolic link loop")
+        else:
+            files += _files(entry, summary, above)
+    return files
+
+
+def _folder_samples(
+    root: Path, files: dict[str, list[Path]], summary: WriteSummary
+) -> Iterator[dict]:
+    for label, (name, paths) in enumerate(files.items()):
+        for path in paths:
             try:
                 ext, data = _encoded_image(path)
             except Exception as exn:
@@ -141,16 +171,19 @@ def write_folder_shards(
     maxsize: float = 1e9,
     progress: bool = True,
 ) -> WriteSummary:
-    """Shards from an ImageFolder tree (one sub-folder a class, sorted names give the labels)."""
+    """Shards from an ImageFolder tree (one sub-folder a class, sorted names give the labels;
+    symbolic links followed, link loops skipped)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"image folder {root} has no class sub-folders")
-    total = sum(1 for c in classes for p in (root / c).rglob("*") if p.is_file())
     summary = WriteSummary()
-    samples = _folder_samples(root, classes, summary)
+    top = frozenset({(root.stat().st_dev, root.stat().st_ino)})  # a link to the root loops too
+    files = {name: _files(root / name, summary, top) for name in classes}
+    total = sum(len(paths) for paths in files.values())
+    samples = _folder_samples(root, files, summary)
     write_shards(samples, out, prefix, maxcount, maxsize, total, summary, progress)
     Path(out, "classes.json").write_text(json.dumps(classes))
     return summary
