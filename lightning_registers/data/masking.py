@@ -1,4 +1,5 @@
-"""iBOT block masks over the patch grid (BEiT's generator, as DINOv2 uses it).
+"""iBOT block masks over the patch grid (BEiT's generator, as DINOv2 uses it), per crop or
+stratified over a batch as DINOv2's collate draws them.
 
 Our own because neither timm nor torchvision ships it; random numbers come from torch's global
 generator, which DataLoader workers seed per worker.
@@ -64,3 +65,24 @@ class BlockMaskGenerator:
                 break
             count += added
         return mask.flatten()
+
+
+def stratified_masks(
+    generator: BlockMaskGenerator,
+    count: int,
+    probability: float,
+    ratio: tuple[float, float],
+) -> torch.Tensor:
+    """``count`` masks (count, patches) for a batch as DINOv2's collate draws them: exactly
+    ``int(count x probability)`` are masked, the i-th of those with a share of patches drawn
+    uniformly from the i-th of as many equal slices of ``ratio``, the rest empty, in random
+    order."""
+    n_masked = int(count * probability)
+    bounds = torch.linspace(ratio[0], ratio[1], n_masked + 1).tolist()
+    masks = [
+        generator(int(generator.num_patches * _uniform(low, high)))
+        for low, high in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    masks += [generator(0)] * (count - n_masked)
+    order = torch.randperm(count).tolist()
+    return torch.stack([masks[i] for i in order])

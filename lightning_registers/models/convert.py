@@ -101,13 +101,22 @@ def from_timm(
 
 
 def to_timm(
-    state_dict: Mapping[str, torch.Tensor], no_embed_class: bool = True
+    state_dict: Mapping[str, torch.Tensor], no_embed_class: bool = True, pre_norm: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Our layout to timm's; ``no_embed_class`` as the target timm model was built."""
+    """Our layout to timm's; ``no_embed_class`` and ``pre_norm`` as the target timm model was
+    built. timm ties the patch-embedding bias to ``pre_norm`` (none with it, one without): a
+    bias the target lacks is folded into the patches' position embedding (the same constant
+    added to every patch token), a bias it needs and we lack is zero."""
     sd = dict(state_dict)
     sd.pop("mask_token", None)
     cls, pos = sd.pop("cls_token"), sd.pop("pos_embed")
     reg = sd.pop("register_tokens", None)
+    bias = sd.pop("patch_embed.proj.bias", None)
+    if pre_norm and bias is not None:
+        pos = torch.cat([pos[:, :1], pos[:, 1:] + bias], dim=1)
+    elif not pre_norm:
+        weight = sd["patch_embed.proj.weight"]
+        sd["patch_embed.proj.bias"] = bias if bias is not None else weight.new_zeros(len(weight))
     out = {}
     if no_embed_class:
         out["cls_token"] = cls + pos[:, :1]
@@ -144,7 +153,8 @@ def from_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     """OpenCLIP visual tower (``visual.*`` of a CLIP checkpoint, or the tower alone) to ours.
 
     The projection ``proj`` to the joint space belongs to the CLIP head and is left out; build
-    the RegisterViT with ``pre_norm=True, norm_eps=1e-5, num_registers=0`` to match.
+    the RegisterViT with ``pre_norm=True, norm_eps=1e-5, num_registers=0, patch_bias=False``
+    to match (a model with a patch bias loads it as zero).
     """
     if any(k.startswith("visual.") for k in state_dict):
         state_dict = {k[7:]: v for k, v in state_dict.items() if k.startswith("visual.")}
@@ -160,9 +170,6 @@ def from_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             for pattern, repl in _OPEN_CLIP_RENAMES:
                 k = re.sub(pattern, repl, k)
             out[k] = v
-    weight = out.get("patch_embed.proj.weight")
-    if weight is not None and "patch_embed.proj.bias" not in out:
-        out["patch_embed.proj.bias"] = weight.new_zeros(weight.shape[0])
     return out
 
 
@@ -209,10 +216,12 @@ def load_pretrained(
     A position embedding trained at another resolution is resampled to the model's grid. With
     ``strict`` any missing or unexpected key (or a shape mismatch) raises
     ``CheckpointMismatchError`` naming them all; the mask token may be absent (inference-only
-    checkpoints drop it) and keeps its initial value.
+    checkpoints drop it) and keeps its initial value. A patch embedding without bias loads into
+    a model with one as a zero bias, and a zero bias into a model without one (both exact).
     """
     sd = convert_state_dict(state_dict, layout)
     own = model.state_dict()
+    _match_patch_bias(sd, "patch_embed.proj.bias" in own)
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = resample_pos_embed(
             sd["pos_embed"], model.grid_size, model.interpolate_antialias
@@ -228,25 +237,29 @@ def load_pretrained(
     return missing, unexpected
 
 
-def create_timm_model(model: RegisterViT, no_embed_class: bool | None = None) -> nn.Module:
-    """A timm ``VisionTransformer`` with the same configuration and weights (strict load).
+def _match_patch_bias(sd: dict[str, torch.Tensor], model_has_bias: bool) -> None:
+    bias, weight = sd.get("patch_embed.proj.bias"), sd.get("patch_embed.proj.weight")
+    if model_has_bias and bias is None and weight is not None:
+        sd["patch_embed.proj.bias"] = weight.new_zeros(len(weight))
+    elif not model_has_bias and bias is not None and not bias.any():
+        del sd["patch_embed.proj.bias"]
 
-    ``no_embed_class`` defaults to True with registers (as timm's DINOv2 models) and False
-    without (as timm's classic ViTs); the head is left out (``num_classes=0``).
+
+def timm_config(model: RegisterViT, no_embed_class: bool | None = None) -> dict:
+    """The timm ``VisionTransformer`` that computes what ``model`` computes, as plain values:
+    its constructor arguments (``build_timm_vit`` turns ``norm_eps`` and ``ffn`` into layers).
+
+    ``no_embed_class`` (whether timm's position embedding covers only the patches) defaults to
+    True with registers (as timm's DINOv2 models) and False without (as timm's classic ViTs).
     """
-    from timm.layers import SwiGLUPacked
-    from timm.models.vision_transformer import VisionTransformer
-
     if no_embed_class is None:
         no_embed_class = model.num_registers > 0
-    mlp = {}
     if model.ffn == "swiglu":
-        mlp = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
         mlp_ratio = model.blocks[0].mlp.fc1.out_features / model.embed_dim
     else:
         mlp_ratio = model.mlp_ratio
-    timm_model = VisionTransformer(
-        img_size=model.img_size,
+    return dict(
+        img_size=list(model.img_size),
         patch_size=model.patch_size,
         in_chans=model.patch_embed.proj.in_channels,
         num_classes=0,
@@ -259,11 +272,36 @@ def create_timm_model(model: RegisterViT, no_embed_class: bool | None = None) ->
         class_token=True,
         reg_tokens=model.num_registers,
         no_embed_class=no_embed_class,
-        pre_norm=not isinstance(model.norm_pre, nn.Identity),
+        pre_norm=model.config["pre_norm"],
         global_pool="token",
-        norm_layer=partial(nn.LayerNorm, eps=model.norm_eps),
         dynamic_img_size=True,
-        **mlp,
+        norm_eps=model.norm_eps,
+        ffn=model.ffn,
     )
-    timm_model.load_state_dict(to_timm(model.state_dict(), no_embed_class), strict=True)
+
+
+def build_timm_vit(config: Mapping) -> nn.Module:
+    """A timm ``VisionTransformer`` (random weights) from a ``timm_config`` dict, such as the
+    ``timm`` entry of a backbone exported with ``--layout timm``."""
+    from timm.layers import SwiGLUPacked
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = dict(config)
+    kwargs["norm_layer"] = partial(nn.LayerNorm, eps=kwargs.pop("norm_eps"))
+    if kwargs.pop("ffn") == "swiglu":
+        kwargs.update(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+    return VisionTransformer(**kwargs)
+
+
+def timm_state_dict(model: RegisterViT, config: Mapping) -> dict[str, torch.Tensor]:
+    """``model``'s weights for the timm model that ``build_timm_vit(config)`` builds."""
+    return to_timm(model.state_dict(), config["no_embed_class"], config["pre_norm"])
+
+
+def create_timm_model(model: RegisterViT, no_embed_class: bool | None = None) -> nn.Module:
+    """A timm ``VisionTransformer`` with the same configuration and weights (strict load); the
+    head is left out (``num_classes=0``). ``no_embed_class`` as in ``timm_config``."""
+    config = timm_config(model, no_embed_class)
+    timm_model = build_timm_vit(config)
+    timm_model.load_state_dict(timm_state_dict(model, config), strict=True)
     return timm_model

@@ -126,6 +126,7 @@ class RegisterViT(nn.Module):
         drop_path_uniform: the same stochastic-depth rate in every block (DINOv2's ViT-L/g).
         norm_eps: LayerNorm epsilon (1e-6 as DINOv2/timm; OpenCLIP uses 1e-5).
         pre_norm: a LayerNorm after the position embedding (OpenCLIP's ``ln_pre``).
+        patch_bias: a bias in the patch embedding (OpenCLIP's ``conv1`` has none).
         in_chans: input channels.
         interpolate_antialias: anti-alias the bicubic position-embedding interpolation (the
             paper's setting); False with ``interpolate_offset=0.1`` matches released DINOv2.
@@ -150,6 +151,7 @@ class RegisterViT(nn.Module):
         drop_path_uniform: bool = False,
         norm_eps: float = 1e-6,
         pre_norm: bool = False,
+        patch_bias: bool = True,
         in_chans: int = 3,
         interpolate_antialias: bool = True,
         interpolate_offset: float = 0.0,
@@ -185,6 +187,7 @@ class RegisterViT(nn.Module):
             drop_path_uniform=drop_path_uniform,
             norm_eps=norm_eps,
             pre_norm=pre_norm,
+            patch_bias=patch_bias,
             in_chans=in_chans,
             interpolate_antialias=interpolate_antialias,
             interpolate_offset=interpolate_offset,
@@ -209,7 +212,7 @@ class RegisterViT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, strict_img_size=False
+            img_size, patch_size, in_chans, embed_dim, bias=patch_bias, strict_img_size=False
         )
         self.grid_size = self.patch_embed.grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]

@@ -11,14 +11,18 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss, SigLipLoss
 from open_clip.transformer import TextTransformer
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
-from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 from torch import nn
 
 from ..data import ClipTransform
 from ..models import RegisterViT
 from .base import ObjectiveModule
+from .optim import NO_DECAY_RULES, check_choice
 
 LOSSES = ("clip", "siglip")
+ZEROSHOT_TEMPLATES = {"simple": SIMPLE_IMAGENET_TEMPLATES, "openai": OPENAI_IMAGENET_TEMPLATES}
+"""Prompt templates of zero-shot classification: open_clip's 7 simple ones, or the 80 of
+OpenAI's ImageNet evaluation that open_clip_train uses."""
 
 
 def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
@@ -65,8 +69,12 @@ class ClipModule(ObjectiveModule):
             ``token_embedding``, ``positional_embedding``, ``ln_final`` and
             ``text_projection`` initialize the text tower.
         optimizer / lr / weight_decay / warmup_epochs / min_lr_ratio / betas / eps: AdamW
-            (betas 0.9/0.98, eps 1e-6 as OpenCLIP) with warmup then cosine; no weight decay
-            for norms, biases, logit scale, embeddings and registers.
+            (betas 0.9/0.98, eps 1e-6 as OpenCLIP) with warmup then cosine.
+        no_decay_rule: which parameters take no weight decay (``optim.NO_DECAY_RULES``): by
+            default norms, biases, logit scale, embeddings and registers; "open_clip" as
+            open_clip_train (token and position embeddings decay).
+        zeroshot_templates: prompts of the zero-shot classifier, "simple" or "openai" (the 80
+            templates open_clip_train evaluates ImageNet with).
     """
 
     monitor = "val/zeroshot_top1"
@@ -97,10 +105,13 @@ class ClipModule(ObjectiveModule):
         min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-6,
+        no_decay_rule: str = "tokens",
+        zeroshot_templates: str = "simple",
     ) -> None:
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        check_choice("loss", loss, LOSSES)
+        check_choice("no_decay_rule", no_decay_rule, NO_DECAY_RULES)
+        check_choice("zeroshot_templates", zeroshot_templates, tuple(ZEROSHOT_TEMPLATES))
         self.save_objective_hparams(backbone)
         self.backbone = backbone
         self.image_projection = nn.Linear(backbone.embed_dim, embed_dim, bias=False)
@@ -187,14 +198,17 @@ class ClipModule(ObjectiveModule):
         super().on_validation_epoch_start()
         self.val_image_features, self.val_text_features, self.val_labels = [], [], []
         names = self.trainer.datamodule.class_names if self.trainer.datamodule else None
-        self.zeroshot_weights = None
-        if names:
-            tokenizer = get_tokenizer(
-                self.hparams.tokenizer, context_length=self.hparams.context_length
-            )
-            self.zeroshot_weights = build_zero_shot_classifier(
-                self, tokenizer, names, SIMPLE_IMAGENET_TEMPLATES, device=self.device
-            )
+        self.zeroshot_weights = self.zeroshot_classifier(names) if names else None
+
+    def zeroshot_classifier(self, class_names: list[str]) -> torch.Tensor:
+        """(embed_dim, classes): per class, the normalized mean of the normalized text features
+        of its prompts (``zeroshot_templates``), built by open_clip."""
+        hp = self.hparams
+        tokenizer = get_tokenizer(hp.tokenizer, context_length=hp.context_length)
+        templates = ZEROSHOT_TEMPLATES[hp.zeroshot_templates]
+        return build_zero_shot_classifier(
+            self, tokenizer, class_names, templates, device=self.device
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.val_image_features.append(self.encode_image(batch["image"], normalize=True))

@@ -23,7 +23,14 @@ from .dino_losses import (
     sinkhorn_knopp,
 )
 from .knn import knn_accuracy, linear_probe_accuracy
-from .optim import build_optimizer, no_decay_names
+from .optim import (
+    LR_SCALINGS,
+    NO_DECAY_RULES,
+    build_optimizer,
+    check_choice,
+    no_decay_names,
+    peak_lr,
+)
 from .schedules import warmup_cosine
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
@@ -43,9 +50,15 @@ class DinoModule(ObjectiveModule):
         image_size: global crop side (linked from the data).
         local_crop_size / num_local_crops / global_crop_scale / local_crop_scale: multi-crop.
         mask_probability / mask_ratio: iBOT masking of the global crops.
+        stratified_masks: masks drawn per batch as DINOv2's collate (exactly
+            ``mask_probability`` of the global crops masked, ratios spread over the range).
+        blur_probabilities: blur chance of the first and second global crop and of the local
+            crops (DINOv2 runs 0.0, 0.9, 0.5; see ``MultiCropTransform``).
         n_prototypes / head_hidden_dim / head_bottleneck_dim / head_layers: DINO head.
+        prototype_init: initial prototypes, "trunc_normal" or "linear" (DINOv2).
         ibot_separate_head: a separate iBOT head (else the DINO head is shared).
-        ibot_n_prototypes: prototypes of a separate iBOT head (default ``n_prototypes``).
+        ibot_n_prototypes / ibot_bottleneck_dim: prototypes and bottleneck width of a separate
+            iBOT head (default ``n_prototypes`` and ``head_bottleneck_dim``).
         dino_loss_weight / ibot_loss_weight / koleo_loss_weight: loss weights.
         centering: teacher targets by "sinkhorn_knopp" or "softmax" with an EMA center.
         center_momentum: EMA momentum of the softmax center.
@@ -56,11 +69,17 @@ class DinoModule(ObjectiveModule):
         momentum_teacher / final_momentum_teacher: EMA momentum, cosine from first to second
             over training.
         lr / min_lr / warmup_epochs: AdamW learning rate, linear warmup then cosine to min_lr.
-        weight_decay / weight_decay_end: cosine weight-decay schedule (none for norms, biases,
-            position embedding, [CLS], registers, mask token).
+        lr_scaling / lr_base_batch: None (``lr`` as given), or "sqrt"/"linear": ``lr`` is the
+            rate for a global batch of ``lr_base_batch`` and is scaled to the run's global batch
+            (DINOv2: "sqrt" from 1024, its ``sqrt_wrt_1024``).
+        weight_decay / weight_decay_end: cosine weight-decay schedule.
+        no_decay_rule: which parameters take no weight decay (``optim.NO_DECAY_RULES``; DINOv2:
+            "dinov2", only biases, norms and LayerScale).
         layerwise_decay: learning-rate factor per block from the top (1 disables it).
         patch_embed_lr_mult: extra learning-rate factor of the patch embedding.
         freeze_last_layer_epochs: epochs with the heads' prototype layers frozen.
+        clip_grad_per_part: clip the gradient norm of backbone and each head separately to the
+            trainer's ``gradient_clip_val`` (DINOv2), instead of one global norm.
         betas / eps: AdamW.
         knn_k / knn_temperature: k-NN evaluation.
         knn_train_samples: training-shard samples (over all ranks) that k-NN and the probe fit.
@@ -81,12 +100,16 @@ class DinoModule(ObjectiveModule):
         local_crop_scale: tuple[float, float] = (0.05, 0.32),
         mask_probability: float = 0.5,
         mask_ratio: tuple[float, float] = (0.1, 0.5),
+        stratified_masks: bool = False,
+        blur_probabilities: tuple[float, float, float] = (1.0, 0.1, 0.5),
         n_prototypes: int = 65536,
         head_hidden_dim: int = 2048,
         head_bottleneck_dim: int = 256,
         head_layers: int = 3,
+        prototype_init: str = "trunc_normal",
         ibot_separate_head: bool = False,
         ibot_n_prototypes: int | None = None,
+        ibot_bottleneck_dim: int | None = None,
         dino_loss_weight: float = 1.0,
         ibot_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.1,
@@ -102,11 +125,15 @@ class DinoModule(ObjectiveModule):
         lr: float = 4e-3,
         min_lr: float = 1e-6,
         warmup_epochs: float = 10.0,
+        lr_scaling: str | None = None,
+        lr_base_batch: int = 1024,
         weight_decay: float = 0.04,
         weight_decay_end: float = 0.2,
+        no_decay_rule: str = "tokens",
         layerwise_decay: float = 0.9,
         patch_embed_lr_mult: float = 0.2,
         freeze_last_layer_epochs: float = 1.0,
+        clip_grad_per_part: bool = False,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         knn_k: int = 20,
@@ -115,32 +142,36 @@ class DinoModule(ObjectiveModule):
         linear_probe_steps: int = 300,
     ) -> None:
         super().__init__()
-        if centering not in CENTERINGS:
-            raise ValueError(f"centering must be one of {CENTERINGS}, got {centering!r}")
+        check_choice("centering", centering, CENTERINGS)
+        check_choice("no_decay_rule", no_decay_rule, NO_DECAY_RULES)
+        check_choice("lr_scaling", lr_scaling, (None, *LR_SCALINGS))
         self.save_objective_hparams(backbone)
         self.backbone = backbone
-        head = dict(
-            hidden_dim=head_hidden_dim, bottleneck_dim=head_bottleneck_dim, n_layers=head_layers
+        head = dict(hidden_dim=head_hidden_dim, n_layers=head_layers, prototype_init=prototype_init)
+        dino = dict(head, n_prototypes=n_prototypes, bottleneck_dim=head_bottleneck_dim)
+        ibot = dict(
+            head,
+            n_prototypes=ibot_n_prototypes or n_prototypes,
+            bottleneck_dim=ibot_bottleneck_dim or head_bottleneck_dim,
         )
-        self.dino_head = DINOHead(backbone.embed_dim, n_prototypes, **head)
-        ibot_prototypes = ibot_n_prototypes or n_prototypes
-        self.ibot_head = (
-            DINOHead(backbone.embed_dim, ibot_prototypes, **head) if ibot_separate_head else None
-        )
+        self.dino_head = DINOHead(backbone.embed_dim, **dino)
+        self.ibot_head = DINOHead(backbone.embed_dim, **ibot) if ibot_separate_head else None
         teacher_backbone = RegisterViT(**{**backbone.config, "drop_path_rate": 0.0})
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone})
-        self.teacher["dino_head"] = DINOHead(backbone.embed_dim, n_prototypes, **head)
+        self.teacher["dino_head"] = DINOHead(backbone.embed_dim, **dino)
         if self.ibot_head is not None:
-            self.teacher["ibot_head"] = DINOHead(backbone.embed_dim, ibot_prototypes, **head)
+            self.teacher["ibot_head"] = DINOHead(backbone.embed_dim, **ibot)
         self.teacher.load_state_dict(self.student_state())
         self.teacher.requires_grad_(False)
         if centering == "softmax":
             self.dino_center = SoftmaxCenter(n_prototypes, center_momentum)
-            self.ibot_center = SoftmaxCenter(ibot_prototypes, center_momentum)
+            self.ibot_center = SoftmaxCenter(ibot["n_prototypes"], center_momentum)
         self.val_features: list[torch.Tensor] = []
         self.val_labels: list[torch.Tensor] = []
         self.bank: tuple[torch.Tensor, torch.Tensor] | None = None
         self.teacher_step = 0
+        self.peak_lr = lr
+        """The peak learning rate, ``lr`` after ``lr_scaling`` (set when the optimizer is made)."""
 
     def student_modules(self) -> dict[str, nn.Module]:
         """The student's parts under the teacher's names."""
@@ -172,6 +203,8 @@ class DinoModule(ObjectiveModule):
             patch_size=self.backbone.patch_size,
             mask_probability=hp.mask_probability,
             mask_ratio=tuple(hp.mask_ratio),
+            blur_probabilities=tuple(hp.blur_probabilities),
+            stratified_masks=hp.stratified_masks,
         )
 
     # --- schedules -------------------------------------------------------------------------
@@ -193,7 +226,7 @@ class DinoModule(ObjectiveModule):
         t0, t1 = hp.warmup_teacher_temp, hp.teacher_temp
         m0, m1 = hp.momentum_teacher, hp.final_momentum_teacher
         return {
-            "lr": warmup_cosine(step, total, warmup, 0.0, hp.lr, hp.min_lr),
+            "lr": warmup_cosine(step, total, warmup, 0.0, self.peak_lr, hp.min_lr),
             "weight_decay": warmup_cosine(
                 step, total, 0, hp.weight_decay, hp.weight_decay, hp.weight_decay_end
             ),
@@ -224,7 +257,8 @@ class DinoModule(ObjectiveModule):
         return scale
 
     def configure_optimizers(self):
-        skip = no_decay_names(self)
+        self.peak_lr = peak_lr(self.hparams, self._trainer)
+        skip = no_decay_names(self, self.hparams.no_decay_rule)
         groups: dict[tuple, dict] = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
@@ -247,6 +281,21 @@ class DinoModule(ObjectiveModule):
             group["params"].append(param)
         hp = self.hparams
         return build_optimizer("adamw", groups.values(), hp.lr, tuple(hp.betas), hp.eps)
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """With ``clip_grad_per_part``, each student part (backbone, DINO head, iBOT head) to
+        norm ``gradient_clip_val`` on its own, as DINOv2; else Lightning's global clipping."""
+        if not (self.hparams.clip_grad_per_part and gradient_clip_val):
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError("clip_grad_per_part clips norms: use gradient_clip_algorithm=norm")
+        for module in self.student_modules().values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), gradient_clip_val)
 
     def on_train_start(self) -> None:
         self.teacher_step = self.trainer.global_step
@@ -326,6 +375,16 @@ class DinoModule(ObjectiveModule):
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        masks, hp = batch["masks"], self.hparams
+        if (
+            hp.stratified_masks
+            and int(masks[:, :, 0].numel() * hp.mask_probability)
+            and (not masks.any())
+        ):
+            raise RuntimeError(
+                "stratified_masks: the batch has no iBOT mask; batches must be made by the "
+                "transform's collate (ShardDataModule does this)"
+            )
         terms = self.losses(batch, self.current_schedule()["teacher_temp"])
         n = len(batch["global_crops"])
         for name, value in terms.items():

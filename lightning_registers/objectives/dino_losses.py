@@ -72,18 +72,23 @@ def dino_loss(
     teacher_targets: Sequence[torch.Tensor],
     temperature: float,
 ) -> torch.Tensor:
-    """Mean over (student crop, teacher crop) pairs of the batch-mean cross-entropy, skipping a
-    global crop against itself. The first ``len(teacher_targets)`` student crops are the global
-    crops in the teacher's order; the rest are local crops. Equals DINOv2's global plus local
-    DINO terms, each divided by the number of pairs."""
-    total, pairs = 0.0, 0
+    """Sum over (student crop, teacher crop) pairs of the batch-mean cross-entropy, skipping a
+    global crop against itself, over the number of pairs. The first ``len(teacher_targets)``
+    student crops are the global crops in the teacher's order; the rest are local crops. Equals
+    DINOv2's global plus local DINO terms: as there, the local pairs count at least 1 in the
+    divisor, so without local crops two global crops are divided by 2 + 1."""
+    n_global = len(teacher_targets)
+    total, global_pairs, local_pairs = 0.0, 0, 0
     for i, student in enumerate(student_logits):
         for j, target in enumerate(teacher_targets):
             if i == j:
                 continue
             total = total + cross_entropy(target, student, temperature).mean()
-            pairs += 1
-    return total / pairs
+            if i < n_global:
+                global_pairs += 1
+            else:
+                local_pairs += 1
+    return total / (global_pairs + max(local_pairs, 1))
 
 
 def ibot_loss(

@@ -205,3 +205,58 @@ def test_unknown_layout_is_refused():
     model = RegisterViT("vit_tiny", img_size=32, patch_size=16, depth=1)
     with pytest.raises(ValueError, match="layout"):
         load_pretrained(model, model.state_dict(), layout="mae")
+
+
+@pytest.mark.parametrize("reg_tokens", [0, 4])
+@torch.no_grad()
+def test_openclip_style_backbone_matches_timms_clip_vit_both_ways(reg_tokens):
+    """ln_pre, LayerNorm eps 1e-5 and no patch bias: timm's own CLIP ViT-B/16 (two blocks) loads
+    into ours, and create_timm_model hands ours back to timm."""
+    ref = timm.create_model(
+        "vit_base_patch16_clip_224",
+        depth=2,
+        reg_tokens=reg_tokens,
+        no_embed_class=reg_tokens > 0,
+        num_classes=0,
+    ).eval()
+    randomize(ref)
+    ours = RegisterViT(
+        "vit_base",
+        depth=2,
+        num_registers=reg_tokens,
+        pre_norm=True,
+        norm_eps=1e-5,
+        patch_bias=False,
+    ).eval()
+    assert ours.patch_embed.proj.bias is None
+    load_pretrained(ours, ref.state_dict(), layout="timm")
+    x = torch.randn(2, 3, 224, 224)
+    assert_same_tokens(our_tokens(ours, x), timm_tokens(ref, x))
+    exported = create_timm_model(ours).eval()
+    assert_same_tokens(timm_tokens(exported, x), timm_tokens(ref, x))
+
+
+@torch.no_grad()
+def test_pre_norm_backbone_with_patch_bias_folds_it_into_timms_position_embedding():
+    """timm has no patch bias with pre_norm: the constant bias moves into the patch positions."""
+    ours = RegisterViT(
+        "vit_tiny", img_size=32, patch_size=8, depth=2, num_registers=4, pre_norm=True
+    ).eval()
+    randomize(ours)
+    x = torch.randn(2, 3, 32, 48)
+    for no_embed_class in (True, False):
+        exported = create_timm_model(ours, no_embed_class=no_embed_class).eval()
+        assert exported.patch_embed.proj.bias is None
+        assert_same_tokens(timm_tokens(exported, x), our_tokens(ours, x))
+
+
+def test_patch_bias_loads_across_models_with_and_without_one():
+    with_bias = RegisterViT("vit_tiny", img_size=32, patch_size=16, depth=1)
+    without = RegisterViT("vit_tiny", img_size=32, patch_size=16, depth=1, patch_bias=False)
+    load_pretrained(with_bias, without.state_dict())
+    assert not with_bias.patch_embed.proj.bias.any()
+    load_pretrained(without, with_bias.state_dict())  # a zero bias: nothing is lost
+    with torch.no_grad():
+        with_bias.patch_embed.proj.bias.fill_(0.5)
+    with pytest.raises(CheckpointMismatchError, match="patch_embed.proj.bias"):
+        load_pretrained(without, with_bias.state_dict())

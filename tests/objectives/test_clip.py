@@ -68,19 +68,30 @@ def test_siglip_option_uses_a_learnable_bias():
     torch.testing.assert_close(m.contrastive_loss(images, texts), expected)
 
 
-def test_no_weight_decay_for_logit_scale_embeddings_and_registers():
+def test_weight_decay_rules_of_the_clip_objective():
     from lightning_registers.objectives.optim import no_decay_names
 
-    names = no_decay_names(tiny_clip())
+    module = tiny_clip()
+    tokens = no_decay_names(module, "tokens")  # the default: every embedding exempt
+    for name in ["logit_scale", "text.token_embedding.weight", "backbone.pos_embed"]:
+        assert name in tokens
+    # open_clip_train decays every tensor of 2 or more dims, token and position embeddings too.
+    names = no_decay_names(module, "open_clip")
     for name in [
         "logit_scale",
+        "backbone.cls_token",
+        "backbone.register_tokens",
+        "text.ln_final.weight",
+    ]:
+        assert name in names  # fmt: skip
+    for name in [
         "text.token_embedding.weight",
         "text.positional_embedding",
-        "backbone.register_tokens",
         "backbone.pos_embed",
+        "image_projection.weight",
+        "text.text_projection",
     ]:
-        assert name in names
-    assert "image_projection.weight" not in names and "text.text_projection" not in names
+        assert name not in names  # fmt: skip
 
 
 def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -152,3 +163,22 @@ def test_text_tower_initializes_from_an_open_clip_checkpoint_file(tmp_path):
     torch.save({"token_embedding.weight": torch.zeros(49408, 32)}, path)
     with pytest.raises(KeyError, match="ln_final"):
         tiny_clip(text_checkpoint=str(path))
+
+
+@pytest.mark.parametrize("templates", ["simple", "openai"])
+@torch.no_grad()
+def test_zeroshot_classifier_averages_the_chosen_templates(templates):
+    import open_clip
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
+
+    m = tiny_clip(zeroshot_templates=templates).eval()
+    expected_templates = {"simple": SIMPLE_IMAGENET_TEMPLATES, "openai": OPENAI_IMAGENET_TEMPLATES}
+    prompts = expected_templates[templates]
+    assert len(prompts) == {"simple": 7, "openai": 80}[templates]
+    tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=12)
+    names = ["circle", "square"]
+    expected = []
+    for name in names:
+        features = m.encode_text(tokenizer([t(name) for t in prompts]), normalize=True)
+        expected.append(F.normalize(features.mean(0), dim=-1))
+    torch.testing.assert_close(m.zeroshot_classifier(names), torch.stack(expected, dim=1))

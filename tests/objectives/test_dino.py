@@ -99,6 +99,15 @@ def test_dino_loss_by_hand():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_dino_loss_without_local_crops_divides_by_the_global_pairs_plus_one():
+    """DINOv2 divides by global + max(local, 1) pairs: 2 + 1 for two global crops alone."""
+    s = [[1.0, 0.0], [0.0, 2.0]]
+    t = [[0.7, 0.3], [0.2, 0.8]]
+    expected = (_ce(t[1], s[0], 0.1) + _ce(t[0], s[1], 0.1)) / 3
+    got = dino_loss([torch.tensor([x]) for x in s], [torch.tensor([x]) for x in t], 0.1)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_ibot_loss_by_hand():
     masks = torch.tensor([[True, False, True], [False, False, False]])
     s = [[1.0, -1.0], [0.0, 0.5]]
@@ -189,6 +198,64 @@ def test_layerwise_learning_rate_decay_follows_dinov2():
     assert module.lr_scale("backbone.norm.weight") == 1 == module.lr_scale("dino_head.mlp.0.weight")
 
 
+def test_per_part_clipping_clips_backbone_and_each_head_on_its_own():
+    module = tiny_dino(ibot_separate_head=True, clip_grad_per_part=True)
+    norms = {"backbone": 6.0, "dino_head": 1.0, "ibot_head": 12.0}
+    before = {}
+    for name, part in module.student_modules().items():
+        params = [p for p in part.parameters() if p.requires_grad]
+        grads = [torch.randn_like(p) for p in params]
+        total = torch.cat([g.flatten() for g in grads]).norm()
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g * norms[name] / total
+        before[name] = [p.grad.clone() for p in params]
+    module.configure_gradient_clipping(None, gradient_clip_val=3.0, gradient_clip_algorithm="norm")
+    for name, part in module.student_modules().items():
+        params = [p for p in part.parameters() if p.requires_grad]
+        factor = min(1.0, 3.0 / (norms[name] + 1e-6))  # torch's clip_grad_norm_ coefficient
+        for p, g in zip(params, before[name], strict=True):
+            torch.testing.assert_close(p.grad, g * factor)
+        norm = torch.cat([p.grad.flatten() for p in params]).norm().item()
+        assert norm == pytest.approx(min(norms[name], 3.0), rel=1e-5)
+    grads = [p.grad.flatten() for p in module.parameters() if p.grad is not None]
+    assert torch.cat(grads).norm().item() == pytest.approx(math.sqrt(9 + 1 + 9), rel=1e-5)
+
+
+def test_heads_take_their_own_sizes_and_dinov2s_prototype_init():
+    module = tiny_dino(
+        ibot_separate_head=True,
+        ibot_n_prototypes=32,
+        ibot_bottleneck_dim=8,
+        prototype_init="linear",
+    )
+    assert module.dino_head.last_layer.weight_v.shape == (64, 16)
+    assert module.ibot_head.last_layer.weight_v.shape == (32, 8)
+    assert module.teacher["ibot_head"].last_layer.weight_v.shape == (32, 8)
+    # nn.Linear's init: uniform within 1/sqrt(fan_in) (std 1/sqrt(3 fan_in)), not std 0.02.
+    v = module.dino_head.last_layer.weight_v
+    assert v.abs().max() <= 16**-0.5 and v.std().item() == pytest.approx((3 * 16) ** -0.5, rel=0.1)
+    assert torch.equal(module.dino_head.last_layer.weight_g, torch.ones(64))
+
+
+def test_dinov2_weight_decay_groups_decay_tokens_and_prototypes():
+    module = tiny_dino(no_decay_rule="dinov2", ibot_separate_head=True)
+    optimizer = module.configure_optimizers()
+    scale = {id(p): g["weight_decay_scale"] for g in optimizer.param_groups for p in g["params"]}
+    by_name = {n: scale[id(p)] for n, p in module.named_parameters() if p.requires_grad}
+    for name in [
+        "backbone.cls_token",
+        "backbone.pos_embed",
+        "backbone.register_tokens",
+        "backbone.mask_token",
+        "dino_head.last_layer.weight_g",
+        "ibot_head.last_layer.weight_g",
+        "backbone.blocks.0.attn.qkv.weight",
+    ]:
+        assert by_name[name] == 1.0, name  # fmt: skip
+    for name in ["backbone.norm.weight", "backbone.blocks.0.norm1.bias", "dino_head.mlp.0.bias"]:
+        assert by_name[name] == 0.0, name
+
+
 @pytest.mark.parametrize("centering", ["sinkhorn_knopp", "softmax"])
 @pytest.mark.parametrize("separate", [False, True])
 def test_no_gradient_reaches_the_teacher(centering, separate):
@@ -253,6 +320,53 @@ def test_a_short_fit_updates_the_teacher_freezes_prototypes_and_reports_knn(tmp_
     assert {"train/dino", "train/ibot", "train/koleo", "train/teacher_temp"} <= set(metrics)
 
 
+class RecordMasks(L.Callback):
+    def __init__(self):
+        self.masks = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.masks.append(batch["masks"].clone())
+
+
+def test_dinov2_options_in_a_short_fit(demo_shards):
+    """Stratified masks come through the DataModule's collate, the learning rate is scaled
+    from the global batch of the run, parts are clipped on their own."""
+    L.seed_everything(0)
+    module = tiny_dino(
+        lr=4e-3,
+        lr_scaling="sqrt",
+        stratified_masks=True,
+        clip_grad_per_part=True,
+        no_decay_rule="dinov2",
+        blur_probabilities=(0.0, 0.9, 0.5),
+    )
+    data = ShardDataModule(
+        str(demo_shards / "train" / "*.tar"),
+        str(demo_shards / "val" / "*.tar"),
+        batch_size=6,
+        num_workers=1,
+        samples_per_epoch=12,
+        image_size=32,
+        num_classes=10,
+    )
+    record = RecordMasks()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        gradient_clip_val=3.0,
+        callbacks=[record],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=data)
+    assert module.peak_lr == pytest.approx(4e-3 * math.sqrt(6 / 1024))
+    assert len(record.masks) == 2
+    for masks in record.masks:  # (6 images, 2 global crops, 16 patches): 6 of 12 crops masked
+        assert masks.shape == (6, 2, 16) and int(masks.any(-1).sum()) == 6
+
+
 def _fsdp_ema_rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -304,7 +418,8 @@ def test_dino_loss_falls_below_uniform_when_the_views_agree():
         loss.backward()
         optimizer.step()
         module.update_teacher(0.99)
-    assert loss.item() < 0.8 * math.log(64)
+    # Without local crops DINOv2 divides the two global pairs by 2 + 1: uniform gives 2/3 log K.
+    assert loss.item() < 0.8 * (2 / 3) * math.log(64)
 
 
 def test_two_process_ddp_fit_keeps_one_teacher_and_reports_knn(tmp_path, demo_shards):

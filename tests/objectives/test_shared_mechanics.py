@@ -2,6 +2,7 @@
 
 import math
 import signal
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -9,7 +10,14 @@ import torch
 from torch import nn
 
 from lightning_registers.models import RegisterViT
-from lightning_registers.objectives.optim import build_optimizer, no_decay_names, param_groups
+from lightning_registers.objectives.optim import (
+    build_optimizer,
+    global_batch_size,
+    no_decay_names,
+    param_groups,
+    peak_lr,
+    scaled_lr,
+)
 from lightning_registers.objectives.requeue import SlurmRequeue, hpc_checkpoint_path
 from lightning_registers.objectives.schedules import warmup_cosine, warmup_cosine_lr
 
@@ -47,6 +55,72 @@ def test_no_weight_decay_for_norms_biases_positions_cls_and_registers():
     decay, no_decay = param_groups(model, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_open_clip_rule_decays_position_embedding_and_exempts_token_vectors():
+    """open_clip_train exempts p.ndim < 2 (and ln/bn/bias/logit_scale names) in its own layout:
+    its class embedding is 1-d, its positional embedding 2-d."""
+    skip = no_decay_names(WithHead(), "open_clip")
+    for name in [
+        "backbone.cls_token",
+        "backbone.register_tokens",
+        "backbone.norm.weight",
+        "backbone.blocks.0.attn.qkv.bias",
+        "backbone.blocks.0.ls1.gamma",
+        "head.bias",
+    ]:
+        assert name in skip, name  # fmt: skip
+    for name in ["backbone.pos_embed", "backbone.patch_embed.proj.weight", "head.weight"]:
+        assert name not in skip, name
+
+
+def test_dinov2_rule_exempts_only_biases_norms_and_layerscale():
+    """DINOv2's param groups: wd_multiplier 0 iff the name ends in .bias or holds norm/gamma."""
+    model = WithHead()
+    skip = no_decay_names(model, "dinov2")
+    expected = {
+        n for n in dict(model.named_parameters())
+        if n.endswith(".bias") or ".norm" in n or n.endswith(".gamma")
+    }  # fmt: skip
+    assert skip == expected
+    for name in [
+        "backbone.cls_token",
+        "backbone.pos_embed",
+        "backbone.register_tokens",
+        "backbone.mask_token",
+    ]:
+        assert name not in skip, name  # fmt: skip
+    with pytest.raises(ValueError, match="no_decay_rule"):
+        no_decay_names(model, "timm")
+
+
+@pytest.mark.parametrize(
+    ("world_size", "sqrt_lr", "linear_lr"),
+    # per-device batch 32: global 32, 64, 256; by hand: 4e-3 * sqrt(g / 1024), 1e-3 * g / 512
+    [(1, 4e-3 * 0.1767766953, 6.25e-5), (2, 1e-3, 1.25e-4), (8, 2e-3, 5e-4)],
+)
+def test_lr_scaling_from_the_world_size_the_trainer_runs_with(world_size, sqrt_lr, linear_lr):
+    trainer = SimpleNamespace(
+        world_size=world_size, accumulate_grad_batches=1, datamodule=SimpleNamespace(batch_size=32)
+    )
+    assert global_batch_size(trainer) == 32 * world_size
+    dino = {"lr": 4e-3, "lr_scaling": "sqrt", "lr_base_batch": 1024}
+    deit = {"lr": 1e-3, "lr_scaling": "linear", "lr_base_batch": 512}
+    assert peak_lr(dino, trainer) == pytest.approx(sqrt_lr, rel=1e-9)
+    assert peak_lr(deit, trainer) == pytest.approx(linear_lr, rel=1e-9)
+    assert peak_lr({"lr": 1e-3, "lr_scaling": None}, trainer) == 1e-3
+
+
+def test_lr_scaling_counts_gradient_accumulation_and_refuses_unknown_rules():
+    trainer = SimpleNamespace(
+        world_size=2, accumulate_grad_batches=4, datamodule=SimpleNamespace(batch_size=64)
+    )
+    assert global_batch_size(trainer) == 512
+    assert scaled_lr(1e-3, "linear", 512, 512) == 1e-3
+    with pytest.raises(ValueError, match="lr_scaling"):
+        scaled_lr(1e-3, "cubic", 512, 512)
+    with pytest.raises(ValueError, match="datamodule"):
+        global_batch_size(SimpleNamespace(datamodule=None, world_size=1))
 
 
 @pytest.mark.parametrize("name", ["adamw", "lamb"])

@@ -90,3 +90,68 @@ def test_short_training_on_demo_scenes_is_well_above_chance(demo_shards):
     trainer.fit(m, dm)
     top1 = trainer.callback_metrics["val/top1"].item()
     assert top1 > 0.3, f"validation top-1 {top1:.3f} is not well above chance (0.10)"
+
+
+def test_binarized_bce_targets_are_the_classes_present_after_mixing():
+    """DeiT's --bce-loss: BCE against targets.gt(0) of the mixed targets."""
+    m = module(bce_binarize=True)
+    targets = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.0, 1.0, -2.0, 3.0]])
+    binary = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    expected = -(binary * F.logsigmoid(logits) + (1 - binary) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(m.loss(logits, targets), expected)
+    soft = -(targets * F.logsigmoid(logits) + (1 - targets) * F.logsigmoid(-logits)).mean()
+    torch.testing.assert_close(module().loss(logits, targets), soft)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        module(bce_binarize=True, label_smoothing=0.1)
+
+
+def test_model_ema_follows_each_optimizer_step_and_is_validated_on_its_own(demo_shards):
+    L.seed_everything(0)
+    decay = 0.5
+    m = SupervisedModule(
+        RegisterViT("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+        num_classes=10,
+        image_size=32,
+        optimizer="adamw",
+        lr=1e-2,
+        model_ema_decay=decay,
+    )
+    assert not any(p.requires_grad for p in m.model_ema.parameters())
+    start = {k: v.clone() for k, v in m.classifier().state_dict().items()}
+    seen = []
+
+    class Track(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append({k: v.clone() for k, v in pl_module.classifier().state_dict().items()})
+
+    dm = ShardDataModule(
+        str(demo_shards / "train" / "*.tar"),
+        str(demo_shards / "val" / "*.tar"),
+        batch_size=8,
+        num_workers=0,
+        samples_per_epoch=24,
+        val_batch_size=16,
+        image_size=32,
+        num_classes=10,
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[Track()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+    )
+    trainer.fit(m, dm)
+    # Three steps of ema = decay * ema + (1 - decay) * model, from the initial weights.
+    key = "backbone.blocks.0.mlp.fc1.weight"
+    expected = start[key]
+    for weights in seen:
+        expected = decay * expected + (1 - decay) * weights[key]
+    torch.testing.assert_close(m.model_ema.module.state_dict()[key], expected)
+    metrics = trainer.callback_metrics
+    assert {"val/top1", "val/ema_top1", "val/ema_top5", "val/ema_loss"} <= set(metrics)
+    assert metrics["val/ema_loss"] != metrics["val/loss"]
