@@ -181,6 +181,7 @@ def export_main(args: list[str]) -> None:
 
 def analyze_parser() -> argparse.ArgumentParser:
     from .analysis.lost import FEATURES
+    from .analysis.settings import CHOICES, PROTOCOLS
     from .measures.norms import RULES
     from .models import LAYOUTS
 
@@ -208,19 +209,43 @@ def analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-heads", type=int, default=None, help="heads of released weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="ours",
+        help="ours, or reference: LOST and test-time registers as the authors' code computes "
+        "them; the flags below override one choice each",
+    )
     parser.add_argument("--rule", choices=RULES, default="relative", help="high-norm rule")
     parser.add_argument("--threshold", type=float, default=150.0, help="absolute norm cut")
     parser.add_argument("--factor", type=float, default=3.0, help="relative cut x median")
     parser.add_argument("--lost-features", choices=FEATURES, default="keys")
     parser.add_argument("--lost-k", type=int, default=None, help="LOST candidates")
     parser.add_argument("--gram-bias", type=float, default=0.0, help="added to LOST's Gram")
-    parser.add_argument("--ttr-neurons", type=int, default=10, help="register neurons moved")
+    parser.add_argument(
+        "--lost-input", choices=CHOICES["lost_input"], help="square resize or padded full size"
+    )
+    parser.add_argument("--lost-ties", choices=CHOICES["lost_ties"], help="equal degrees")
+    parser.add_argument("--corloc-over", choices=CHOICES["corloc_over"], help="which images count")
+    parser.add_argument("--no-hard", action="store_true", help="drop difficult/truncated objects")
+    parser.add_argument("--ttr-neurons", type=int, default=None, help="register neurons moved")
+    parser.add_argument("--ttr-values", choices=CHOICES["ttr_values"], help="register's values")
+    parser.add_argument("--ttr-tokens", choices=CHOICES["ttr_tokens"], help="outliers among")
+    parser.add_argument("--ttr-average", choices=CHOICES["ttr_average"], help="neuron scores")
+    parser.add_argument(
+        "--ttr-sparsity", action=argparse.BooleanOptionalAction, help="reference sparsity filter"
+    )
+    parser.add_argument("--ttr-layer", type=int, default=None, help="block marking outliers")
+    parser.add_argument("--ttr-threshold", type=float, default=None, help="outlier norm cut")
+    parser.add_argument("--ttr-top-layer", type=int, default=None, help="highest neuron block")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def analyze_main(args: list[str]) -> None:
     """``lightning-registers analyze --checkpoint PATH --images SOURCE --out DIR ...``."""
+    from dataclasses import fields
+
     from .analysis import AnalysisSettings, analyze, load_backbone
 
     parser = analyze_parser()
@@ -229,6 +254,13 @@ def analyze_main(args: list[str]) -> None:
     formats = opts.format * len(paths) if len(opts.format) == 1 else opts.format
     if len(formats) != len(paths):
         parser.error(f"--format: give one format or {len(paths)}, got {len(opts.format)}")
+    try:
+        given = vars(opts)  # every option named as a settings field
+        settings = AnalysisSettings(
+            **{f.name: given[f.name] for f in fields(AnalysisSettings) if f.name in given}
+        )
+    except ValueError as exn:
+        parser.error(str(exn))
     # Every checkpoint loads (or fails) before any image is read.
     try:
         backbones = [
@@ -237,16 +269,6 @@ def analyze_main(args: list[str]) -> None:
         ]
     except (ValueError, KeyError) as exn:  # KeyError: CheckpointMismatchError names the keys
         parser.error(str(exn))
-    settings = AnalysisSettings(
-        rule=opts.rule,
-        threshold=opts.threshold,
-        factor=opts.factor,
-        lost_features=opts.lost_features,
-        lost_k=opts.lost_k,
-        gram_bias=opts.gram_bias,
-        ttr_neurons=opts.ttr_neurons,
-        batch_size=opts.batch_size,
-    )
     analyze(
         backbones,
         opts.images,

@@ -3,18 +3,44 @@
 similarity, linear probes, attention maps, LOST object discovery and test-time registers."""
 
 from ..measures.norms import OutlierRule
-from .analyze import AnalysisSettings, analyze, analyze_backbone, test_time_register_effect
+from .analyze import (
+    analyze,
+    analyze_backbone,
+    register_neuron_search,
+    run_lost,
+    test_time_register_effect,
+)
 from .attention import attention_maps, attention_on_high_norm
 from .images import ImageSet, load_images, voc_boxes
 from .loading import LoadedBackbone, infer_config, load_backbone
-from .lost import box_iou, centred_boxes, corloc, last_block_features, lost, lost_box
+from .lost import (
+    box_iou,
+    centred_boxes,
+    corloc,
+    degree_order,
+    last_block_features,
+    lost,
+    lost_box,
+    pad_to_patches,
+)
 from .neighbours import neighbour_cosine, neighbour_similarity, patch_embeddings
 from .norms import first_high_norm_layer, layer_statistics, norm_statistics
 from .probes import pixel_probe, position_probe, token_classification
-from .test_time_registers import RegisterNeuron, add_test_time_register, find_register_neurons
+from .settings import PROTOCOLS, AnalysisSettings
+from .test_time_registers import (
+    FAMILIES,
+    RegisterNeuron,
+    add_test_time_register,
+    find_register_neurons,
+    model_family,
+    outlier_tokens,
+    sign_max,
+)
 from .tokens import output_tokens, patch_norms_by_layer
 
 __all__ = [
+    "FAMILIES",
+    "PROTOCOLS",
     "AnalysisSettings",
     "ImageSet",
     "LoadedBackbone",
@@ -28,6 +54,7 @@ __all__ = [
     "box_iou",
     "centred_boxes",
     "corloc",
+    "degree_order",
     "find_register_neurons",
     "first_high_norm_layer",
     "infer_config",
@@ -37,14 +64,20 @@ __all__ = [
     "load_images",
     "lost",
     "lost_box",
+    "model_family",
     "neighbour_cosine",
     "neighbour_similarity",
     "norm_statistics",
+    "outlier_tokens",
     "output_tokens",
+    "pad_to_patches",
     "patch_embeddings",
     "patch_norms_by_layer",
     "pixel_probe",
     "position_probe",
+    "register_neuron_search",
+    "run_lost",
+    "sign_max",
     "test_time_register_effect",
     "token_classification",
     "voc_boxes",

@@ -3,7 +3,6 @@ what ``lightning-registers analyze`` runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,44 +29,13 @@ from .norms import (
 )
 from .probes import pixel_probe, plot_probes, position_probe, token_classification
 from .report import write_summary
-from .test_time_registers import add_test_time_register, find_register_neurons
+from .settings import REFERENCE_LOST_K, AnalysisSettings
+from .test_time_registers import add_test_time_register, find_register_neurons, model_family
 from .tokens import device_of, output_tokens, patch_norms_by_layer
 
 STAGES = 6  # norms, neighbours, probes, attention, LOST, test-time registers
 TTR_SUFFIX = " + test-time register"
-
-
-@dataclass
-class AnalysisSettings:
-    """What the measurements use.
-
-    Args:
-        rule: how high-norm tokens are told from normal ones in the split measurements
-            (neighbours, probes, attention, test-time registers): ``relative`` or ``absolute``.
-        threshold: absolute norm cut (the paper's 150).
-        factor: relative cut, times the median patch norm.
-        lost_features: ``keys`` (DINOv2 in the paper), ``values`` (DeiT-III, OpenCLIP) or
-            ``queries`` of the last block.
-        lost_k: LOST's seed-expansion candidates (default: in proportion to the grid).
-        gram_bias: added to LOST's Gram matrix.
-        ttr_neurons: register neurons moved to the test-time register.
-        attention_images: images drawn in the attention figures.
-        batch_size: images per forward pass.
-    """
-
-    rule: str = "relative"
-    threshold: float = 150.0
-    factor: float = 3.0
-    lost_features: str = "keys"
-    lost_k: int | None = None
-    gram_bias: float = 0.0
-    ttr_neurons: int = 10
-    attention_images: int = 8
-    batch_size: int = 32
-
-    @property
-    def outlier_rule(self) -> OutlierRule:
-        return OutlierRule(self.rule, self.threshold, self.factor)
+TTR_NEURONS = 10  # register neurons moved, where neither settings nor a model family say
 
 
 def _norm_summary(norms: dict[str, torch.Tensor], settings: AnalysisSettings) -> dict:
@@ -82,16 +50,72 @@ def _norm_summary(norms: dict[str, torch.Tensor], settings: AnalysisSettings) ->
     }
 
 
-def _lost(backbone: nn.Module, images: ImageSet, settings: AnalysisSettings) -> dict:
-    return lost(
+def run_lost(backbone: nn.Module, images: ImageSet, settings: AnalysisSettings) -> dict:
+    """LOST on ``images`` as the settings' protocol says (input, ties, ``k``, CorLoc's
+    denominator and IoU, ``no_hard``); ``drawn_boxes``: the boxes in pixels of the square
+    images."""
+    padded = settings.choice("lost_input") == "padded"
+    truth = images.original_boxes if padded else images.boxes
+    if settings.no_hard:
+        truth = [boxes[~hard] for boxes, hard in zip(truth, images.hard, strict=True)]
+    k = settings.lost_k or (REFERENCE_LOST_K if settings.reference else None)
+    result = lost(
         backbone,
-        images.images,
-        images.boxes,
+        images.full_resolution() if padded else images.images,
+        truth,
         settings.lost_features,
-        settings.lost_k,
+        k,
         settings.gram_bias,
         settings.batch_size,
+        ties=settings.choice("lost_ties"),
+        corloc_over="boxed" if settings.no_hard else settings.choice("corloc_over"),
+        iou_eps=settings.iou_eps,
     )
+    result["k"] = k
+    result["drawn_boxes"] = images.to_square(result["boxes"]) if padded else result["boxes"]
+    return result
+
+
+def register_neuron_search(
+    backbone: nn.Module, settings: AnalysisSettings, first_high_norm_block: str | None = None
+) -> dict:
+    """How register neurons are found in ``backbone`` under the settings' protocol:
+    ``find_register_neurons`` arguments (``rule``, ``layer``, ``top_layer``, ``top_k``,
+    ``tokens``, ``average``, ``sparsity``), the value rule ``values`` and the reference's
+    model ``family`` (None where not known). Without a family the reference protocol flags
+    tokens above ``factor`` x the median token norm and caps the layers at
+    ``first_high_norm_block`` (where high-norm patches first appear)."""
+    family = model_family(backbone.config) if settings.reference else None
+    depth = backbone.depth
+    layer = settings.ttr_layer
+    if layer is None:
+        layer = family.layer if family else -1
+    if settings.ttr_threshold is not None:
+        rule = OutlierRule("absolute", settings.ttr_threshold)
+    elif not settings.reference:
+        rule = settings.outlier_rule
+    elif family:
+        rule = OutlierRule("absolute", family.threshold)
+    else:
+        rule = OutlierRule("relative", factor=settings.factor)
+    top_layer = settings.ttr_top_layer
+    if top_layer is None and family:
+        top_layer = family.top_layer
+    elif top_layer is None and settings.reference and first_high_norm_block:
+        top_layer = int(first_high_norm_block.removeprefix("block"))
+    elif top_layer is None:
+        top_layer = layer
+    return {
+        "family": family.name if family else None,
+        "rule": rule,
+        "layer": layer % depth,
+        "top_layer": top_layer % depth,
+        "top_k": settings.ttr_neurons or (family.top_k if family else TTR_NEURONS),
+        "tokens": settings.choice("ttr_tokens"),
+        "average": settings.choice("ttr_average"),
+        "sparsity": settings.choice("ttr_sparsity"),
+        "values": settings.choice("ttr_values"),
+    }
 
 
 def analyze_backbone(
@@ -128,10 +152,14 @@ def analyze_backbone(
     result["attention_on_high_norm"] = attention_on_high_norm(
         result["attention"]["attention"], high
     )
-    result["lost"] = stage("LOST", lambda: _lost(backbone, images, settings))
+    result["lost"] = stage("LOST", lambda: run_lost(backbone, images, settings))
+    search = register_neuron_search(
+        backbone, settings, result["norm_summary"]["first_high_norm_block"]["relative"]
+    )
+    result["ttr_search"] = search
     result["ttr"] = stage(
         "test-time registers",
-        lambda: test_time_register_effect(backbone, images, settings, patches, high),
+        lambda: test_time_register_effect(backbone, images, settings, patches, high, search),
     )
     return result
 
@@ -142,17 +170,29 @@ def test_time_register_effect(
     settings: AnalysisSettings,
     patches: torch.Tensor,
     high_norm: torch.Tensor,
+    search: dict | None = None,
 ) -> dict | None:
-    """Find the register neurons, add a test-time register, and measure the norms, attention
-    maps and LOST again; ``normal_token_cosine``: mean cosine similarity of each normal output
-    patch token before and after. None when no token is high-norm."""
+    """Find the register neurons (as ``search`` says, default ``register_neuron_search``), add
+    a test-time register, and measure the norms, attention maps and LOST again;
+    ``normal_token_cosine``: mean cosine similarity of each normal output patch token before
+    and after. None when no token is an outlier."""
     x, bs = images.images, settings.batch_size
+    search = search or register_neuron_search(backbone, settings)
     neurons = find_register_neurons(
-        backbone, x, settings.ttr_neurons, settings.outlier_rule, batch_size=bs
+        backbone,
+        x,
+        search["top_k"],
+        search["rule"],
+        search["layer"],
+        bs,
+        tokens=search["tokens"],
+        top_layer=search["top_layer"],
+        average=search["average"],
+        sparsity=search["sparsity"],
     )
     if not neurons:
         return None
-    model = add_test_time_register(backbone, neurons)
+    model = add_test_time_register(backbone, neurons, search["values"])
     norms = patch_norms_by_layer(model, x, bs)
     _, after = output_tokens(model, x, bs)
     cosine = F.cosine_similarity(after, patches, dim=-1)
@@ -163,7 +203,7 @@ def test_time_register_effect(
         "norm_summary": _norm_summary(norms, settings),
         "attention": attention,
         "attention_on_high_norm": attention_on_high_norm(attention["attention"], high_norm),
-        "lost": _lost(model, images, settings),
+        "lost": run_lost(model, images, settings),
         "normal_token_cosine": cosine[~high_norm].mean().item() if (~high_norm).any() else None,
         "high_norm_token_cosine": cosine[high_norm].mean().item() if high_norm.any() else None,
     }
@@ -184,6 +224,7 @@ def analyze(
     settings = settings or AnalysisSettings()
     out_dir = Path(out_dir)
     names = _unique([b.name for b in backbones])
+    keep_originals = settings.choice("lost_input") == "padded"
     image_sets: dict[tuple, ImageSet] = {}
     results, inputs = {}, {}
     bar = tqdm(total=len(backbones) * STAGES, desc="analyze", disable=not progress)
@@ -192,7 +233,9 @@ def analyze(
         size = image_size or loaded.model.img_size[0]
         key = (size, loaded.mean, loaded.std)
         if key not in image_sets:
-            image_sets[key] = load_images(image_source, size, loaded.mean, loaded.std, num_images)
+            image_sets[key] = load_images(
+                image_source, size, loaded.mean, loaded.std, num_images, keep_originals
+            )
         inputs[name] = image_sets[key]
         model = loaded.model.to(device).eval()
         results[name] = analyze_backbone(model, inputs[name], settings, bar)
@@ -247,9 +290,9 @@ def write_figures(
     rows = {}
     for name, result in results.items():
         x = inputs[name]
-        rows[name] = (x.images, x.boxes, result["lost"]["boxes"])
+        rows[name] = (x.images, x.boxes, result["lost"]["drawn_boxes"])
         if name in with_ttr:
-            rows[name + TTR_SUFFIX] = (x.images, x.boxes, with_ttr[name]["lost"]["boxes"])
+            rows[name + TTR_SUFFIX] = (x.images, x.boxes, with_ttr[name]["lost"]["drawn_boxes"])
     paths.append(plot_lost(rows, out_dir / "lost.png"))
     if with_ttr:
         norms = {}

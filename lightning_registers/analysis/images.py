@@ -5,7 +5,8 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,12 +18,13 @@ from ..data.samples import IMAGE_KEYS, decode_image, decode_label, decode_meta
 from ..data.stream import SkipCounter, expand_urls
 
 FOLDER_SUFFIXES = {f".{key}" for key in IMAGE_KEYS}
+HARD_TAGS = ("difficult", "truncated")  # objects the reference's --no_hard leaves out
 
 
 @dataclass
 class ImageSet:
     """Images resized to a square side (aspect ratio not kept, so every box scales with its
-    image), normalized, with what is known of each.
+    image), normalized, with what is known of each; optionally the images as read.
 
     Attributes:
         images: (N, 3, S, S) normalized images.
@@ -32,6 +34,12 @@ class ImageSet:
         names: per image, the sample key or file path.
         skipped: samples or files that could not be read (each named in a warning).
         source: what the images were read from.
+        sizes: per image, (height, width) as read.
+        hard: per image, (K,) flags of the boxes of difficult or truncated objects (VOC).
+        original_boxes: per image, the boxes in pixels of the image as read.
+        originals: per image, the image as read, (3, H, W) uint8 (kept on request).
+        mean: the normalization's mean.
+        std: the normalization's standard deviation.
     """
 
     images: torch.Tensor
@@ -40,23 +48,46 @@ class ImageSet:
     names: list[str]
     skipped: int = 0
     source: str = ""
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    hard: list[torch.Tensor] = field(default_factory=list)
+    original_boxes: list[torch.Tensor] = field(default_factory=list)
+    originals: list[torch.Tensor] | None = None
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def full_resolution(self) -> Iterator[torch.Tensor]:
+        """Each image as read, normalized, (3, H, W), one at a time."""
+        if self.originals is None:
+            raise ValueError("the images were loaded without keep_originals=True")
+        normalize = v2.Normalize(self.mean, self.std)
+        for image in self.originals:
+            yield normalize(image.float() / 255)
 
-def voc_boxes(xml_path: Path) -> list[tuple[float, float, float, float]]:
+    def to_square(self, boxes: torch.Tensor) -> torch.Tensor:
+        """``boxes`` (N, 4), one in pixels of each image as read, in pixels of the square."""
+        side = self.images.shape[-1]
+        return torch.cat(
+            [_scaled(b, (w, h), side) for b, (h, w) in zip(boxes, self.sizes, strict=True)]
+        )
+
+
+def voc_boxes(xml_path: Path) -> tuple[list[tuple[float, ...]], list[bool]]:
     """Object boxes of a Pascal-VOC annotation as (x0, y0, x1, y1), 0-based with exclusive
-    ends (VOC's corners are 1-based and inclusive)."""
+    ends (VOC's corners are 1-based and inclusive), and whether each object is marked
+    difficult or truncated."""
     root = ET.parse(xml_path).getroot()
-    boxes = []
+    boxes, hard = [], []
     for obj in root.iter("object"):
         box = obj.find("bndbox")
         if box is None:
             continue
         x0, y0, x1, y1 = (float(box.findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append((x0 - 1, y0 - 1, x1, y1))
-    return boxes
+        hard.append(any(obj.findtext(tag, "0").strip() == "1" for tag in HARD_TAGS))
+    return boxes, hard
 
 
 def _voc_annotation(image_path: Path) -> Path | None:
@@ -72,7 +103,7 @@ def _voc_annotation(image_path: Path) -> Path | None:
 def _scaled(boxes, original: tuple[int, int], side: int) -> torch.Tensor:
     width, height = original
     scale = torch.tensor([side / width, side / height, side / width, side / height])
-    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
+    return torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale
 
 
 def _shard_items(urls: list[str], counter: SkipCounter):
@@ -82,11 +113,13 @@ def _shard_items(urls: list[str], counter: SkipCounter):
             image = decode_image(sample)
             label = decode_label(sample) if "cls" in sample else -1
             meta = decode_meta(sample) if "json" in sample else {}
-            boxes = [o["box"] for o in meta.get("objects", []) if "box" in o]
+            objects = [o for o in meta.get("objects", []) if "box" in o]
+            boxes = [o["box"] for o in objects]
+            hard = [any(bool(o.get(tag)) for tag in HARD_TAGS) for o in objects]
         except Exception as exn:  # noqa: BLE001 - any unreadable sample is skipped and counted
             counter.record(where, exn)
             continue
-        yield sample["__key__"], image, label, boxes
+        yield sample["__key__"], image, label, boxes, hard
 
 
 def _folder_items(root: Path, counter: SkipCounter):
@@ -103,12 +136,12 @@ def _folder_items(root: Path, counter: SkipCounter):
             with Image.open(path) as image:
                 image = image.convert("RGB")
             annotation = _voc_annotation(path)
-            boxes = voc_boxes(annotation) if annotation else []
+            boxes, hard = voc_boxes(annotation) if annotation else ([], [])
         except Exception as exn:  # noqa: BLE001 - any unreadable file is skipped and counted
             counter.record(f"image {path}", exn)
             continue
         label = classes.index(path.relative_to(root).parts[0]) if labelled else -1
-        yield str(path), image, label, boxes
+        yield str(path), image, label, boxes, hard
 
 
 def load_images(
@@ -117,31 +150,46 @@ def load_images(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     limit: int = 256,
+    keep_originals: bool = False,
 ) -> ImageSet:
     """The first ``limit`` readable images of ``source`` (shard URLs or patterns, or a folder),
-    resized to ``image_size`` squared and normalized with ``mean``/``std``."""
+    resized to ``image_size`` squared and normalized with ``mean``/``std``; with
+    ``keep_originals`` also the images as read (for full-resolution measures)."""
     counter = SkipCounter()
     path = Path(source)
     if path.is_dir():
         items = _folder_items(path, counter)
     else:
         items = _shard_items(expand_urls(str(source)), counter)
-    to_tensor = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC),
-            v2.ToDtype(torch.float32, scale=True),
-        ]
-    )
-    pixels, labels, boxes, names = [], [], [], []
-    for name, image, label, image_boxes in items:
-        pixels.append(to_tensor(image).clamp(0, 1))
+    resize = v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC)
+    to_float = v2.ToDtype(torch.float32, scale=True)
+    pixels, labels, boxes, names, sizes, hard, original_boxes, originals = ([] for _ in range(8))
+    for name, image, label, image_boxes, image_hard in items:
+        read = v2.functional.to_image(image)
+        pixels.append(to_float(resize(read)).clamp(0, 1))
         labels.append(label)
         boxes.append(_scaled(image_boxes, image.size, image_size))
         names.append(name)
+        sizes.append((image.height, image.width))
+        hard.append(torch.tensor(image_hard, dtype=torch.bool))
+        original_boxes.append(torch.tensor(image_boxes, dtype=torch.float32).reshape(-1, 4))
+        if keep_originals:
+            originals.append(read)
         if len(pixels) == limit:
             break
     if not pixels:
         raise FileNotFoundError(f"no readable image in {source} ({counter.total} skipped)")
-    normalized = v2.Normalize(mean, std)(torch.stack(pixels))
-    return ImageSet(normalized, torch.tensor(labels), boxes, names, counter.total, str(source))
+    return ImageSet(
+        v2.Normalize(mean, std)(torch.stack(pixels)),
+        torch.tensor(labels),
+        boxes,
+        names,
+        counter.total,
+        str(source),
+        sizes,
+        hard,
+        original_boxes,
+        originals if keep_originals else None,
+        tuple(mean),
+        tuple(std),
+    )

@@ -1,24 +1,56 @@
 """Object discovery with LOST (Siméoni et al., 2021) and its CorLoc against ground-truth boxes.
 
 LOST on one image: the patches' last-block keys (or values/queries, heads concatenated) form a
-Gram matrix; the seed is the patch positively correlated with the fewest others; the seed is
-expanded to those of the ``k`` lowest-degree patches positively correlated with it; a patch
-belongs to the object when its summed correlation to that set is positive, and the box is the
-bounding box of the 4-connected component holding the seed. Written out here because LOST is
-not a package; the steps follow the authors' code."""
+Gram matrix; a patch's degree is the number of other patches it correlates positively with; the
+seed is the patch of lowest degree; the seed is expanded to those of the ``k`` lowest-degree
+patches positively correlated with it; a patch belongs to the object when its summed
+correlation to that set is positive, and the box is the bounding box of the 4-connected
+component holding the seed. Written out here because LOST is not a package; the steps follow
+the authors' code (valeoai/LOST), which runs each image at full resolution, zero-padded at the
+bottom and right to a multiple of the patch size, and clips the box to the image.
+
+Choices where the reference code leaves something open or where we offer more:
+
+- ``ties``: patches of equal degree are ordered ``stable`` (lowest index first, the same on
+  every device) or as the reference orders them (``reference``: ``torch.argsort`` of the
+  negated degree, descending, an unstable sort whose order depends on the device);
+- ``corloc_over``: CorLoc over the images with boxes (``boxed``) or over ``all`` images, an
+  image without boxes being a miss (the reference counts every image it runs, unless
+  ``--no_hard`` drops the images left without boxes).
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..measures.figures import display_images, plt, save_figure
 from .tokens import batches, device_of
 
 FEATURES = ("keys", "values", "queries")
+TIES = ("stable", "reference")
+LOST_INPUTS = ("square", "padded")
+CORLOC_OVER = ("boxed", "all")
+
+
+def _features(backbone: nn.Module, images: torch.Tensor, which: str) -> torch.Tensor:
+    if which not in FEATURES:
+        raise ValueError(f"LOST features must be one of {FEATURES}, got {which!r}")
+    index = {"queries": 0, "keys": 1, "values": 2}[which]
+    captured = []
+    handle = backbone.blocks[-1].attn.qkv.register_forward_hook(
+        lambda module, args, output: captured.append(output.chunk(3, dim=-1)[index].float())
+    )
+    try:
+        backbone(images)
+    finally:
+        handle.remove()
+    return captured[0][:, backbone.num_prefix_tokens :]
 
 
 @torch.no_grad()
@@ -27,19 +59,35 @@ def last_block_features(
 ) -> torch.Tensor:
     """Patch tokens' ``keys``, ``values`` or ``queries`` in the last block, heads concatenated:
     (N, P, D)."""
-    if which not in FEATURES:
-        raise ValueError(f"LOST features must be one of {FEATURES}, got {which!r}")
-    index = {"queries": 0, "keys": 1, "values": 2}[which]
-    captured = []
-    handle = backbone.blocks[-1].attn.qkv.register_forward_hook(
-        lambda module, args, output: captured.append(output.chunk(3, dim=-1)[index].float().cpu())
+    device = device_of(backbone)
+    return torch.cat(
+        [_features(backbone, b, which).cpu() for b in batches(images, batch_size, device)]
     )
-    try:
-        for batch in batches(images, batch_size, device_of(backbone)):
-            backbone(batch)
-    finally:
-        handle.remove()
-    return torch.cat(captured)[:, backbone.num_prefix_tokens :]
+
+
+def pad_to_patches(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``image`` (C, H, W) with zeros added at the bottom and right up to a multiple of
+    ``patch_size`` (zeros of the normalized image, as the reference pads)."""
+    h, w = image.shape[-2:]
+    return F.pad(image, (0, -w % patch_size, 0, -h % patch_size))
+
+
+def _padded_batches(
+    images: Iterable[torch.Tensor], patch_size: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """Consecutive images of one padded shape, at most ``batch_size`` together, with their
+    sizes before padding."""
+    batch: list[torch.Tensor] = []
+    sizes: list[tuple[int, int]] = []
+    for image in images:
+        padded = pad_to_patches(image, patch_size)
+        if batch and (padded.shape != batch[0].shape or len(batch) == batch_size):
+            yield torch.stack(batch), sizes
+            batch, sizes = [], []
+        batch.append(padded)
+        sizes.append(tuple(image.shape[-2:]))
+    if batch:
+        yield torch.stack(batch), sizes
 
 
 def connected_component(mask: torch.Tensor, seed: tuple[int, int]) -> torch.Tensor:
@@ -61,86 +109,143 @@ def default_k(patches: int) -> int:
     return min(100, math.ceil(patches / 7))
 
 
+def degree_order(gram: torch.Tensor, ties: str = "stable") -> torch.Tensor:
+    """Patch indices by increasing degree: the number of other patches with a positive entry
+    in ``gram``; equal degrees ordered by ``ties`` (``stable`` or ``reference``)."""
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+    positive = gram > 0
+    positive.fill_diagonal_(False)
+    degree = positive.sum(dim=-1)
+    if ties == "stable":
+        return torch.argsort(degree, stable=True)
+    return torch.argsort(-degree.float(), descending=True)  # the reference's call, unstable
+
+
 def lost_box(
     features: torch.Tensor,
     grid: tuple[int, int],
     patch_size: int,
     k: int | None = None,
     gram_bias: float = 0.0,
+    ties: str = "stable",
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """LOST's box (x0, y0, x1, y1) in pixels for one image's patch ``features`` (P, D), and the
     seed patch. ``k`` seed-expansion candidates (default ``default_k``); ``gram_bias`` is added
-    to the Gram matrix (the registers paper's variant)."""
+    to the Gram matrix (the registers paper's variant); ``ties`` orders equal degrees (see
+    ``degree_order``); the box is clipped to ``image_size`` (height, width) of a padded image."""
     gram = features @ features.T + gram_bias
-    degree = (gram > 0).sum(dim=-1)
-    order = torch.argsort(degree, stable=True)
+    order = degree_order(gram, ties)
     seed = int(order[0])
     candidates = order[: k or default_k(len(order))]
     similar = candidates[gram[seed, candidates] > 0]
-    mask = (gram[similar].sum(dim=0) > 0).reshape(grid)
+    mask = (gram[similar].sum(dim=0) > 0).reshape(grid).cpu()
     component = connected_component(mask, (seed // grid[1], seed % grid[1]))
+    if not component.any():  # the reference raises too; only a zero feature vector does this
+        raise ValueError(f"LOST's seed patch {seed} is outside its own object mask")
     rows = component.any(dim=1).nonzero().flatten()
     cols = component.any(dim=0).nonzero().flatten()
     box = torch.tensor([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float() * patch_size
+    if image_size is not None:
+        box[2] = box[2].clamp_max(image_size[1])
+        box[3] = box[3].clamp_max(image_size[0])
     return box, seed
 
 
-def box_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of ``box`` (4,) with each of ``boxes`` (K, 4), all (x0, y0, x1, y1)."""
+def box_iou(box: torch.Tensor, boxes: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """IoU of ``box`` (4,) with each of ``boxes`` (K, 4), all (x0, y0, x1, y1), in float64.
+    ``eps`` is added as the reference adds it (to each box's height and to the union), so an
+    IoU of exactly 0.5 there falls just below."""
+    box, boxes = box.double(), boxes.double()
     low = torch.maximum(box[:2], boxes[:, :2])
     high = torch.minimum(box[2:], boxes[:, 2:])
     inter = (high - low).clamp_min(0).prod(dim=-1)
-    area = lambda b: (b[..., 2:] - b[..., :2]).clamp_min(0).prod(dim=-1)  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter).clamp_min(1e-9)
+    w1, h1 = (box[2:] - box[:2]).clamp_min(0)
+    w2, h2 = (boxes[:, 2:] - boxes[:, :2]).clamp_min(0).unbind(dim=-1)
+    union = w1 * (h1 + eps) + w2 * (h2 + eps) - inter + eps
+    return inter / union.clamp_min(1e-12)
 
 
-def corloc(predicted: torch.Tensor, truth: list[torch.Tensor], level: float = 0.5) -> float | None:
-    """Share of the images with ground truth where the box overlaps one of theirs with IoU at
-    least ``level``; None when no image has ground truth."""
+def corloc(
+    predicted: torch.Tensor,
+    truth: list[torch.Tensor],
+    level: float = 0.5,
+    over: str = "boxed",
+    eps: float = 0.0,
+) -> float | None:
+    """Share of the images whose box overlaps one of theirs with IoU at least ``level``, over
+    the images with ground truth (``boxed``) or over ``all``, where an image without ground
+    truth is a miss; None when there is no image to count."""
+    if over not in CORLOC_OVER:
+        raise ValueError(f"corloc_over must be one of {CORLOC_OVER}, got {over!r}")
     pairs = zip(predicted, truth, strict=True)
-    hits = [bool((box_iou(p, t) >= level).any()) for p, t in pairs if len(t)]
+    hits = [
+        bool(len(t)) and bool((box_iou(p, t, eps) >= level).any())
+        for p, t in pairs
+        if len(t) or over == "all"
+    ]
     return sum(hits) / len(hits) if hits else None
 
 
-def centred_boxes(truth: list[torch.Tensor], image_size: int) -> torch.Tensor:
-    """The baseline without a model: for every image the same centred box, as wide and high as
-    the ground-truth boxes on average (largest box of each image)."""
-    largest = [t[(t[:, 2:] - t[:, :2]).prod(-1).argmax()] for t in truth if len(t)]
-    if not largest:
+def centred_boxes(truth: list[torch.Tensor], sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """The baseline without a model: in every image of ``sizes`` (height, width) a centred box
+    whose width and height, as shares of its image's, are the mean shares of the ground-truth
+    boxes (largest box of each image)."""
+    frame = torch.tensor(sizes, dtype=torch.float32).flip(-1)  # (N, 2): width, height
+    shares = [
+        (t[:, 2:] - t[:, :2])[(t[:, 2:] - t[:, :2]).prod(-1).argmax()] / frame[i]
+        for i, t in enumerate(truth)
+        if len(t)
+    ]
+    if not shares:
         return torch.zeros(len(truth), 4)
-    size = torch.stack([b[2:] - b[:2] for b in largest]).mean(0)
-    centre = torch.full((2,), image_size / 2)
-    return torch.cat([centre - size / 2, centre + size / 2]).expand(len(truth), 4)
+    size = torch.stack(shares).mean(0) * frame
+    return torch.cat([(frame - size) / 2, (frame + size) / 2], dim=-1)
 
 
+@torch.no_grad()
 def lost(
     backbone: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Iterable[torch.Tensor],
     boxes: list[torch.Tensor],
     which: str = "keys",
     k: int | None = None,
     gram_bias: float = 0.0,
     batch_size: int = 32,
+    ties: str = "stable",
+    corloc_over: str = "boxed",
+    iou_eps: float = 0.0,
 ) -> dict:
-    """LOST on every image: ``boxes`` (N, 4), ``seeds`` (N,), ``corloc`` against the
-    ground truth and ``corloc_centred`` of the centred-box baseline (None without ground
-    truth), and ``evaluated``: images with ground truth."""
-    features = last_block_features(backbone, images, which, batch_size)
-    grid = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
-    found = [lost_box(f, grid, backbone.patch_size, k, gram_bias) for f in features]
+    """LOST on every image of ``images`` ((N, C, H, W), or (C, H, W) images of any sizes, each
+    zero-padded to a patch multiple and run at that size): ``boxes`` (N, 4) in pixels of each
+    image, ``seeds`` (N,), ``sizes`` (height, width of each image), ``corloc`` against the
+    ground truth and ``corloc_centred`` of the centred-box baseline (None with no image to
+    count), and ``evaluated``: the images counted."""
+    found, sizes = [], []
+    device = device_of(backbone)
+    patch = backbone.patch_size
+    for batch, batch_sizes in _padded_batches(images, patch, batch_size):
+        grid = (batch.shape[-2] // patch, batch.shape[-1] // patch)
+        features = _features(backbone, batch.to(device), which)
+        for image_features, size in zip(features, batch_sizes, strict=True):
+            found.append(lost_box(image_features, grid, patch, k, gram_bias, ties, size))
+        sizes += batch_sizes
     predicted = torch.stack([box for box, _ in found])
+    rule = dict(over=corloc_over, eps=iou_eps)
     return {
         "boxes": predicted,
         "seeds": torch.tensor([seed for _, seed in found]),
-        "corloc": corloc(predicted, boxes),
-        "corloc_centred": corloc(centred_boxes(boxes, images.shape[-1]), boxes),
-        "evaluated": sum(1 for b in boxes if len(b)),
+        "sizes": sizes,
+        "corloc": corloc(predicted, boxes, **rule),
+        "corloc_centred": corloc(centred_boxes(boxes, sizes), boxes, **rule),
+        "evaluated": len(boxes) if corloc_over == "all" else sum(1 for b in boxes if len(b)),
     }
 
 
 def plot_lost(rows: dict[str, tuple], path: Path, n: int = 8) -> Path:
     """A row per model of ``(images, truth, boxes)``: the first ``n`` images with LOST's box
-    (red) over the ground truth (green)."""
+    (red) over the ground truth (green), boxes in pixels of the drawn images."""
     n = min(n, min(len(images) for images, _, _ in rows.values()))
     fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
     for row, (name, (images, truth, boxes)) in enumerate(rows.items()):

@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+_LOST_KEYS = ("corloc", "corloc_centred", "evaluated", "k")
+
 
 def _percent(value) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
@@ -14,6 +16,15 @@ def _percent(value) -> str:
 
 def _number(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _search_summary(search: dict) -> dict:
+    rule = search["rule"]
+    cut = {"threshold": rule.threshold} if rule.kind == "absolute" else {"factor": rule.factor}
+    return {"family": search["family"], "rule": rule.kind, **cut} | {
+        key: search[key]
+        for key in ("layer", "top_layer", "top_k", "tokens", "average", "sparsity", "values")
+    }
 
 
 def model_summary(result: dict, loaded, images) -> dict:
@@ -30,17 +41,21 @@ def model_summary(result: dict, loaded, images) -> dict:
         },
         "probes": probes,
         "attention_on_high_norm": result["attention_on_high_norm"],
-        "lost": {k: result["lost"][k] for k in ("corloc", "corloc_centred", "evaluated")},
-        "test_time_registers": None,
+        "lost": {k: result["lost"][k] for k in _LOST_KEYS},
+        "test_time_registers": {
+            "search": _search_summary(result["ttr_search"]),
+            "neurons": [],
+            "after": None,
+        },
     }
     ttr = result["ttr"]
     if ttr is not None:
-        summary["test_time_registers"] = {
+        summary["test_time_registers"] |= {
             "neurons": [asdict(n) for n in ttr["neurons"]],
             "after": {
                 "norms": ttr["norm_summary"],
                 "attention_on_high_norm": ttr["attention_on_high_norm"],
-                "lost": {k: ttr["lost"][k] for k in ("corloc", "corloc_centred", "evaluated")},
+                "lost": {k: ttr["lost"][k] for k in _LOST_KEYS},
             },
             "normal_token_cosine": ttr["normal_token_cosine"],
             "high_norm_token_cosine": ttr["high_norm_token_cosine"],
@@ -144,9 +159,29 @@ def _table(title: str, rows: list, models: dict) -> list[str]:
 
 def _neurons(summary: dict) -> str:
     ttr = summary["test_time_registers"]
-    if ttr is None:
-        return "none (no high-norm tokens)"
-    return ", ".join(f"{n['block']}:{n['neuron']}" for n in ttr["neurons"])
+    search = ttr["search"]
+    family = f", {search['family']}" if search["family"] else ""
+    cut = search.get("threshold", f"{search.get('factor')} x median")
+    how = (
+        f" (outliers: {search['tokens']} tokens above {cut} after block {search['layer']}"
+        f"{family}; blocks up to {search['top_layer']}; values {search['values']})"
+    )
+    if not ttr["neurons"]:
+        return "none (no outliers)" + how
+    return ", ".join(f"{n['block']}:{n['neuron']}" for n in ttr["neurons"]) + how
+
+
+def _protocol(protocol: dict) -> str:
+    lost = (
+        f"LOST on {protocol['lost_input']} images, {protocol['lost_ties']} ties, CorLoc over "
+        f"{protocol['corloc_over']} images" + (", no hard objects" if protocol["no_hard"] else "")
+    )
+    ttr = (
+        f"test-time registers: {protocol['ttr_values']} values, outliers among "
+        f"{protocol['ttr_tokens']} tokens, {protocol['ttr_average']} scores"
+        + (", sparsity filter" if protocol["ttr_sparsity"] else "")
+    )
+    return f"Protocol: **{protocol['name']}** ({lost}; {ttr})."
 
 
 def markdown(summary: dict) -> str:
@@ -154,6 +189,8 @@ def markdown(summary: dict) -> str:
     models, settings, images = summary["models"], summary["settings"], summary["images"]
     out = [
         "# Register analysis",
+        "",
+        _protocol(summary["protocol"]),
         "",
         f"Images: {images['source']} ({images['count']} read, {images['skipped']} skipped, "
         f"{images['with_labels']} with labels, {images['with_boxes']} with boxes). High-norm "
@@ -187,6 +224,7 @@ def write_summary(results, inputs, backbones, names, settings, figures, out_dir:
             "with_labels": int((first.labels >= 0).sum()),
             "with_boxes": sum(1 for b in first.boxes if len(b)),
         },
+        "protocol": settings.protocol_summary(),
         "settings": asdict(settings),
         "models": {
             name: model_summary(results[name], loaded, inputs[name])

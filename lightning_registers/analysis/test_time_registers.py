@@ -2,10 +2,19 @@
 write the high-norm outliers; at inference an extra, untrained token takes their activations
 and the patches lose them, which cleans the patch features without retraining.
 
-Register neurons are found on the analysed images: outlier positions are the patch tokens that
-an ``OutlierRule`` flags in the residual stream after ``mark_block``; each MLP hidden neuron of
-the blocks up to it is scored by its mean absolute activation at those positions, and the
-``top_k`` highest are kept."""
+Register neurons are found on the analysed images. Outlier positions are the tokens (``all``,
+as the reference code, or ``patches`` only) whose norm after block ``layer`` an ``OutlierRule``
+flags. Each MLP hidden neuron (the input of ``fc2``) of the blocks up to ``top_layer`` is scored
+by its mean absolute activation at those positions, ``pooled`` over all of them or as the
+reference does (``per_image``: a mean per image, averaged over the images with outliers);
+``sparsity`` keeps, per image, only the neurons that at least half of the tokens activate below
+0.5 (the filter the reference's notebook applies). The ``top_k`` highest are kept.
+
+What the test-time register gets (``values``): ``neuron_max``, each register neuron's own
+largest activation over the patches, or ``sign_max`` (the reference's rule), one value per
+block: the activation of largest magnitude, with its sign, over all tokens and that block's
+register neurons. Either way the neurons are zeroed on the patches. Both work image by image
+in a batch of any size (the reference's hook reads the first image of a batch only)."""
 
 from __future__ import annotations
 
@@ -15,8 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..measures.norms import OutlierRule, token_norms
+from ..measures.norms import OutlierRule, layer_name, token_norms
 from .tokens import batches, device_of
+
+VALUE_RULES = ("neuron_max", "sign_max")
+TOKENS = ("patches", "all")
+AVERAGES = ("pooled", "per_image")
+SPARSITY_SHARE = 0.5  # the reference's sparsity filter: at least this share of the tokens ...
+SPARSITY_ACTIVATION = 0.5  # ... activate the neuron below this
 
 
 @dataclass(frozen=True)
@@ -28,16 +43,77 @@ class RegisterNeuron:
     score: float
 
 
-def _score_hooks(backbone: nn.Module, blocks: list[int], batch: dict) -> list:
-    """Hooks that add each listed block's MLP hidden activations (the input of ``fc2``) at the
-    batch's outlier positions (``batch["flags"]``, (B, P)) to ``batch["totals"][block]``."""
+@dataclass(frozen=True)
+class FamilyConfig:
+    """The reference code's settings for one model family (its ``configs/*.yaml``): outliers
+    are tokens with norm above ``threshold`` after block ``layer``; register neurons are the
+    ``top_k`` best of blocks up to ``top_layer``."""
+
+    name: str
+    threshold: float
+    layer: int
+    top_layer: int
+    top_k: int
+
+
+# Keyed by (width, depth, patch size, norm before the first block): what tells the families
+# apart whatever the checkpoint format. The paper quotes 75 for CLIP; its code uses 30.
+FAMILIES = {
+    (768, 12, 16, True): FamilyConfig("CLIP ViT-B/16 (OpenAI, OpenCLIP)", 30.0, -1, 5, 10),
+    (1024, 24, 14, False): FamilyConfig("DINOv2 ViT-L/14", 150.0, -2, 17, 50),
+}
+
+
+def model_family(config: dict) -> FamilyConfig | None:
+    """The reference settings of a backbone's family (from its ``config``), or None."""
+    key = (config["embed_dim"], config["depth"], config["patch_size"], config["pre_norm"])
+    return FAMILIES.get(key)
+
+
+@torch.no_grad()
+def outlier_tokens(
+    backbone: nn.Module,
+    images: torch.Tensor,
+    rule: OutlierRule,
+    layer: int = -1,
+    tokens: str = "patches",
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Flags (N, T) over every token ([CLS], registers, patches) of the tokens whose norm after
+    block ``layer`` ``rule`` flags, judged among ``all`` tokens or the ``patches`` only (the
+    others then unflagged)."""
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+    layer %= backbone.depth
+    parts = []
+    for batch in batches(images, batch_size, device_of(backbone)):
+        kinds = token_norms(backbone, batch, [layer])[layer_name(layer)]
+        parts.append(torch.cat([kinds["cls"][:, None], kinds["registers"], kinds["patches"]], 1))
+    norms = torch.cat(parts).cpu()
+    if tokens == "all":
+        return rule.mask(norms)
     r = backbone.num_prefix_tokens
+    flags = torch.zeros_like(norms, dtype=torch.bool)
+    flags[:, r:] = rule.mask(norms[:, r:])
+    return flags
+
+
+def _score_hooks(backbone: nn.Module, blocks: range, state: dict, per_image: bool, sparsity: bool):
+    """Hooks that add each block's neuron scores of a batch (outliers ``state["flags"]``,
+    (B, T)) to ``state["totals"][block]``."""
 
     def add(index: int):
         def hook(module, args):
-            hidden = args[0][:, r:][batch["flags"]].abs().float().sum(dim=0).cpu()
-            totals = batch["totals"]
-            totals[index] = totals.get(index, 0) + hidden
+            hidden = args[0].float()  # (B, T, H): the MLP's hidden activations
+            flags = state["flags"].to(hidden.dtype)
+            sums = torch.einsum("bt,bth->bh", flags, hidden.abs())
+            if sparsity:
+                low = (hidden < SPARSITY_ACTIVATION).sum(dim=1)
+                sums = sums * (low >= SPARSITY_SHARE * hidden.shape[1])
+            if per_image:
+                counts = flags.sum(dim=1)
+                sums = sums[counts > 0] / counts[counts > 0, None]
+            state["totals"][index] += sums.sum(dim=0).cpu()
 
         return hook
 
@@ -50,48 +126,58 @@ def find_register_neurons(
     images: torch.Tensor,
     top_k: int = 10,
     rule: OutlierRule | None = None,
-    mark_block: int = -1,
+    layer: int = -1,
     batch_size: int = 32,
+    tokens: str = "patches",
+    top_layer: int | None = None,
+    average: str = "pooled",
+    sparsity: bool = False,
 ) -> list[RegisterNeuron]:
-    """The ``top_k`` register neurons, highest score first; empty when the rule flags no
-    patch token at ``mark_block``."""
+    """The ``top_k`` register neurons, highest score first (equal scores: lower block, then
+    lower neuron first); empty when ``rule`` flags no token. ``top_layer`` defaults to
+    ``layer``."""
+    if average not in AVERAGES:
+        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
     rule = rule or OutlierRule()
-    mark_block %= backbone.depth
-    device = device_of(backbone)
-    norms = torch.cat(
-        [
-            token_norms(backbone, batch, [mark_block])[f"block{mark_block:02d}"]["patches"].cpu()
-            for batch in batches(images, batch_size, device)
-        ]
-    )
-    outliers = rule.mask(norms)
-    if not outliers.any():
+    flags = outlier_tokens(backbone, images, rule, layer, tokens, batch_size)
+    if not flags.any():
         return []
-    blocks = list(range(mark_block + 1))
-    batch_state: dict = {"totals": {}}
-    handles = _score_hooks(backbone, blocks, batch_state)
+    top = layer if top_layer is None else top_layer
+    blocks = range(top % backbone.depth + 1)
+    width = backbone.blocks[0].mlp.fc2.in_features
+    state: dict = {"totals": torch.zeros(len(blocks), width)}
+    handles = _score_hooks(backbone, blocks, state, average == "per_image", sparsity)
+    device = device_of(backbone)
     try:
         for start in range(0, len(images), batch_size):
-            batch_state["flags"] = outliers[start : start + batch_size].to(device)
+            state["flags"] = flags[start : start + batch_size].to(device)
             backbone(images[start : start + batch_size].to(device))
     finally:
         for handle in handles:
             handle.remove()
-    totals = batch_state["totals"]
-    scores = torch.stack([totals[b] for b in blocks]) / outliers.sum()
-    best = scores.flatten().topk(min(top_k, scores.numel()))
-    width = scores.shape[1]
-    return [
-        RegisterNeuron(int(i) // width, int(i) % width, float(v))
-        for v, i in zip(best.values, best.indices, strict=True)
-    ]
+    counted = flags.any(dim=1).sum() if average == "per_image" else flags.sum()
+    scores = (state["totals"] / counted).flatten()
+    best = torch.argsort(scores, descending=True, stable=True)[:top_k]
+    return [RegisterNeuron(int(i) // width, int(i) % width, float(scores[i])) for i in best]
 
 
-def add_test_time_register(backbone: nn.Module, neurons: list[RegisterNeuron]) -> nn.Module:
+def sign_max(values: torch.Tensor) -> torch.Tensor:
+    """Per row of ``values`` (B, ...), the entry of largest magnitude with its sign (the
+    negative one where a maximum and a minimum are equally large, as the reference)."""
+    flat = values.flatten(1)
+    high, low = flat.max(dim=1).values, flat.min(dim=1).values
+    return torch.where(high.abs() > low.abs(), high, low)
+
+
+def add_test_time_register(
+    backbone: nn.Module, neurons: list[RegisterNeuron], values: str = "neuron_max"
+) -> nn.Module:
     """A copy of ``backbone`` with one more register: zero-initialised, placed after the
-    trained registers (so that every measure sees it as a register). In each forward, every
-    register neuron's largest activation over the patches is written into that token and the
-    neuron is zeroed on the patches, image by image (any batch size)."""
+    trained registers (so that every measure sees it as a register). In each forward, the
+    register neurons' activations are written into that token by the rule ``values``
+    (``neuron_max`` or ``sign_max``) and zeroed on the patches, image by image."""
+    if values not in VALUE_RULES:
+        raise ValueError(f"values must be one of {VALUE_RULES}, got {values!r}")
     model = copy.deepcopy(backbone)
     slot = model.num_prefix_tokens  # the new token's index; patches start after it
     old = model.register_tokens
@@ -101,12 +187,16 @@ def add_test_time_register(backbone: nn.Module, neurons: list[RegisterNeuron]) -
     model.num_registers += 1
     model.config = dict(model.config, num_registers=model.num_registers)
     model.test_time_neurons = list(neurons)
+    model.test_time_values = values
 
     def move(indices: torch.Tensor):
         def hook(module, args):
             hidden = args[0].clone()
-            patches = hidden[:, slot + 1 :, indices]
-            hidden[:, slot, indices] = patches.max(dim=1).values
+            chosen = hidden[:, :, indices]
+            if values == "sign_max":
+                hidden[:, slot, indices] = sign_max(chosen)[:, None]
+            else:
+                hidden[:, slot, indices] = chosen[:, slot + 1 :].max(dim=1).values
             hidden[:, slot + 1 :, indices] = 0
             return (hidden,)
 

@@ -111,7 +111,8 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
         assert (ttr["neurons"][0]["block"], ttr["neurons"][0]["neuron"]) == (1, 5)
         assert ttr["after"]["norms"]["output"]["share_relative"] < 0.005
         assert ttr["normal_token_cosine"] > 0.999
-        assert clean_result["test_time_registers"] is None
+        assert clean_result["test_time_registers"]["neurons"] == []
+        assert summary["protocol"]["name"] == "ours"
         lost = clean_result["lost"]
         assert lost["evaluated"] == SCENES and 0 <= lost["corloc"] <= 1
     # The same scenes and boxes through VOC annotations and through shard metadata.
@@ -132,6 +133,48 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
     assert "attention_mean_planted_test-time_register.png" in from_shards["figures"]
 
 
+def test_analyze_records_the_reference_protocol(tmp_path, checkpoints):
+    write_voc_folder(tmp_path / "voc", 8)
+    out = tmp_path / "out"
+    main(
+        ["analyze", "--checkpoint", str(checkpoints[0]), "--images", str(tmp_path / "voc")]
+        + ["--out", str(out), "--protocol", "reference", "--quiet"]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"] == {
+        "name": "reference",
+        "ttr_values": "sign_max",
+        "ttr_tokens": "all",
+        "ttr_average": "per_image",
+        "ttr_sparsity": True,
+        "lost_input": "padded",
+        "lost_ties": "reference",
+        "corloc_over": "all",
+        "no_hard": False,
+        "iou_eps": 1e-7,
+    }
+    planted = summary["models"]["planted"]
+    assert planted["lost"]["k"] == 100 and planted["lost"]["evaluated"] == 8
+    ttr = planted["test_time_registers"]
+    # Not a family of the reference's table: the relative rule on all tokens, capped at the
+    # first block with high-norm patches.
+    assert ttr["search"] == {
+        "family": None,
+        "rule": "relative",
+        "factor": 3.0,
+        "layer": 3,
+        "top_layer": 1,
+        "top_k": 10,
+        "tokens": "all",
+        "average": "per_image",
+        "sparsity": True,
+        "values": "sign_max",
+    }
+    assert (ttr["neurons"][0]["block"], ttr["neurons"][0]["neuron"]) == (1, 5)
+    assert ttr["after"]["norms"]["output"]["share_relative"] < 0.005
+    assert "Protocol: **reference**" in (out / "summary.md").read_text()
+
+
 @pytest.mark.parametrize(
     "checkpoint, more, message",
     [
@@ -143,6 +186,7 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
         ),
         ("other.pth", ["--format", "timm"], "not a timm ViT state dict"),
         ("planted", ["--images", "none-*.tar"], "matches no file"),
+        ("planted", ["--lost-k", "0"], "lost_k must be at least 1"),
     ],
 )
 def test_analyze_refuses_bad_input_before_any_work(

@@ -167,12 +167,15 @@ def test_lost_box_on_a_hand_made_feature_grid():
 def test_box_iou_corloc_and_centred_boxes_by_hand():
     truth = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 40.0]])
     iou = box_iou(torch.tensor([5.0, 0.0, 15.0, 10.0]), truth)
-    torch.testing.assert_close(iou, torch.tensor([50 / 150, 0.0]))
+    torch.testing.assert_close(iou, torch.tensor([50 / 150, 0.0], dtype=torch.float64))
     predicted = torch.tensor([[0.0, 0.0, 9.0, 10.0], [0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 1.0, 1.0]])
     assert corloc(predicted, [truth, truth, torch.zeros(0, 4)]) == 0.5
-    centred = centred_boxes([truth, torch.tensor([[0.0, 0.0, 30.0, 30.0]])], 64)
+    centred = centred_boxes([truth, torch.tensor([[0.0, 0.0, 30.0, 30.0]])], [(64, 64)] * 2)
     # Largest boxes are 10x20 and 30x30: the mean size 20x25, centred at 32.
     torch.testing.assert_close(centred[0], torch.tensor([22.0, 19.5, 42.0, 44.5]))
+    # In images of other sizes the box keeps the mean shares of width and height.
+    wide = centred_boxes([truth, torch.zeros(0, 4)], [(40, 20), (100, 50)])
+    torch.testing.assert_close(wide, torch.tensor([[5.0, 10.0, 15.0, 30.0], [12.5, 25, 37.5, 75]]))
 
 
 def test_lost_on_demo_scenes_beats_the_centred_box(tmp_path):
