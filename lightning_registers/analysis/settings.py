@@ -144,10 +144,17 @@ class AnalysisSettings:
         return REFERENCE_IOU_EPS if self.reference else 0.0
 
     def protocol_summary(self) -> dict:
-        """The protocol as run: its name (``custom`` where a choice overrides it) and every
-        choice, for the summary, so that summaries are never compared across protocols."""
+        """The protocol as run: its name (``... (custom)`` where a flag overrides a choice or a
+        number of it) and every choice, for the summary, so that summaries are never compared
+        across protocols."""
         chosen = {name: self.choice(name) for name in CHOICES}
-        same = chosen == PROTOCOLS[self.protocol] and not self.no_hard
+        numbers = (self.lost_k, self.ttr_neurons, self.ttr_layer, self.ttr_threshold)
+        same = (
+            chosen == PROTOCOLS[self.protocol]
+            and not self.no_hard
+            and self.gram_bias == 0
+            and all(n is None for n in (*numbers, self.ttr_top_layer))
+        )
         return {
             "name": self.protocol if same else f"{self.protocol} (custom)",
             **chosen,

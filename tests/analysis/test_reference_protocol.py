@@ -529,3 +529,15 @@ def test_both_value_rules_remove_the_planted_outliers_under_the_reference_protoc
         with torch.no_grad():
             register = token_norms(fixed, images, [3])["block03"]["registers"][:, -1]
         assert register.min() > 150  # the outliers' content moved into the register
+
+
+def test_the_protocol_is_named_custom_where_a_flag_overrides_it():
+    assert AnalysisSettings().protocol_summary()["name"] == "ours"
+    assert AnalysisSettings(protocol="reference").protocol_summary()["name"] == "reference"
+    for override in (dict(lost_ties="stable"), dict(no_hard=True), dict(ttr_threshold=75.0)):
+        summary = AnalysisSettings(protocol="reference", **override).protocol_summary()
+        assert summary["name"] == "reference (custom)"
+    overridden = AnalysisSettings(protocol="reference", lost_ties="stable").protocol_summary()
+    assert (overridden["lost_ties"], overridden["lost_input"]) == ("stable", "padded")
+    with pytest.raises(ValueError, match="ttr_values must be one of"):
+        AnalysisSettings(ttr_values="max")
