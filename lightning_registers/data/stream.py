@@ -187,16 +187,15 @@ def read_shard(url: str) -> Iterator[dict | Unreadable]:
                 key, ext = base_plus_ext(member.name)
                 if not member.isreg() or key is None or _META.match(member.name):
                     continue
-                data = tar.extractfile(member).read()
                 if sample is None or key != sample["__key__"]:
-                    if sample is not None:
+                    if sample is not None:  # complete: the next key begins
                         yield finished(sample)
                         done += 1
                     sample = {"__key__": key, "__url__": url}
                 ext = ext.lower()
                 if ext in sample:
                     sample["__twice__"] = f"member {member.name} appears twice"
-                sample[ext] = data
+                sample[ext] = tar.extractfile(member).read()
             if sample is not None:  # complete: the archive ended at its marker
                 yield finished(sample)
                 done += 1
