@@ -20,8 +20,10 @@ DINO_TINY = {
     "local_crop_size": 16,
     "num_local_crops": 2,
     "n_prototypes": 32,
+    "ibot_n_prototypes": 32,
     "head_hidden_dim": 32,
     "head_bottleneck_dim": 16,
+    "ibot_bottleneck_dim": 16,
     "knn_train_samples": 16,
     "linear_probe_steps": 5,
 }
