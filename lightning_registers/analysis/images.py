@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from PIL import Image
 from torchvision.transforms import v2
 
-from ..data.samples import IMAGE_KEYS, decode_image, decode_label, decode_meta
+from ..data.samples import IMAGE_KEYS, decode_image, decode_label, decode_meta, open_image
 from ..data.stream import SkipCounter, expand_urls
 
 FOLDER_SUFFIXES = {f".{key}" for key in IMAGE_KEYS}
@@ -133,8 +132,7 @@ def _folder_items(root: Path, counter: SkipCounter):
     labelled = len(classes) > 1 and all(p.parent != root for p in files)
     for path in files:
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
+            image = open_image(path.read_bytes())  # as the training stream decodes it
             annotation = _voc_annotation(path)
             boxes, hard = voc_boxes(annotation) if annotation else ([], [])
         except Exception as exn:  # noqa: BLE001 - any unreadable file is skipped and counted

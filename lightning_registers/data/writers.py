@@ -7,7 +7,6 @@ shows a progress bar, skips unreadable inputs with the reason, and ends with a s
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import stat
@@ -17,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from PIL import Image
 from tqdm import tqdm
 
+from .samples import open_image
 from .scenes import CLASS_NAMES, scene_sample
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -106,13 +105,13 @@ def write_demo_shards(
 
 
 def _encoded_image(path: Path) -> tuple[str, bytes]:
-    """The file's bytes and webdataset extension, after checking that it decodes."""
+    """The file's bytes and webdataset extension, after checking that it decodes as the
+    training stream will decode it."""
     ext = IMAGE_EXTENSIONS.get(path.suffix.lower())
     if ext is None:
         raise ValueError(f"not an image extension ({path.suffix})")
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
+    open_image(data)
     return ext, data
 
 
