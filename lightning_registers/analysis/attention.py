@@ -9,7 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..measures.attention import attention_grids, prefix_attention, query_names
+from ..measures.attention import (  # noqa: F401 (attention_on_high_norm: analysis API too)
+    attention_grids,
+    attention_on_high_norm,
+    prefix_attention,
+    query_names,
+)
 from ..measures.figures import draw_grid, plt, save_figure, save_grid_png
 from .tokens import batches, device_of
 
@@ -23,19 +28,6 @@ def attention_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 
         for batch in batches(images, batch_size, device_of(backbone))
     ]
     return {"attention": torch.cat(maps), "queries": query_names(backbone.num_registers)}
-
-
-def attention_on_high_norm(attention: torch.Tensor, high_norm: torch.Tensor) -> dict:
-    """Share of each query's patch attention (head mean) that lands on high-norm patches
-    (``high_norm``, (N, P)), against the share of patches that are high-norm."""
-    mean = attention.mean(dim=1).flatten(2)  # (N, queries, P)
-    mean = mean / mean.sum(-1, keepdim=True)
-    on_high = (mean * high_norm[:, None].float()).sum(-1).mean(0)
-    return {
-        "share_of_patches": high_norm.float().mean().item(),
-        "cls": on_high[0].item(),
-        "registers": on_high[1:].tolist(),
-    }
 
 
 def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], path: Path) -> Path:

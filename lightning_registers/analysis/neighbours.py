@@ -7,27 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..measures.figures import plt, save_figure
+from ..measures.placement import neighbour_cosine
 from .tokens import batches, device_of
-
-
-def neighbour_cosine(embeddings: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity of each position of ``embeddings`` (N, h, w, D) to its up, down,
-    left and right neighbours that exist: (N, h, w)."""
-    x = F.normalize(embeddings.float(), dim=-1)
-    total = torch.zeros(x.shape[:3])
-    count = torch.zeros(x.shape[1:3])
-    for dim in (1, 2):
-        cos = (x.narrow(dim, 0, x.shape[dim] - 1) * x.narrow(dim, 1, x.shape[dim] - 1)).sum(-1)
-        n = x.shape[dim] - 1
-        total.narrow(dim, 0, n).add_(cos)
-        total.narrow(dim, 1, n).add_(cos)
-        count.narrow(dim - 1, 0, n).add_(1)
-        count.narrow(dim - 1, 1, n).add_(1)
-    return total / count
 
 
 @torch.no_grad()

@@ -7,41 +7,86 @@ import json
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from ..measures.norms import OUTPUT, RULES, OutlierRule
+from ..measures.norms import OUTPUT, RULES
+from ..measures.signature import ArtifactSignature
 from .norms import TokenNormMonitor
 from .probe import monitored_backbones, run_dir, tensorboard
 
 EVENTS_FILE = "artifact_events.jsonl"
+ANY_LAYER = "any"
+EVENT_KEYS = (
+    "share",
+    "onset_layer",
+    "background_share",
+    "neighbour_cosine_high_norm",
+    "neighbour_cosine_normal",
+    "cls_attention_on_high_norm",
+)
 
 
 class ArtifactEmergence(Callback):
-    """Follows a TokenNormMonitor's high-norm share of patch tokens at one layer. When it stays
-    above ``level`` for ``patience`` checks in a row, artifacts have emerged; when it then stays
-    at or below ``level`` for ``patience`` checks, they have vanished. Each event goes to
-    TensorBoard as text (``artifacts/events``) and as a JSON line to
-    ``<run dir>/artifact_events.jsonl``; the scalar ``artifacts/NAME/present`` is 1 while
-    artifacts are present.
+    """Judges each check of a TokenNormMonitor: do the high-norm patch tokens look like the
+    paper's artifacts rather than look-alikes? A check counts when, at the watched ``layer`` (or
+    at any watched layer), the tokens are few (share above ``level``, at most ``max_level``),
+    appear beyond the first blocks (``min_onset``) and sit on redundant patches (on the
+    background where the probe samples have object boxes, ``min_background``; else more alike
+    their neighbours than the other tokens, ``min_redundancy_gap``): see
+    ``measures.signature.ArtifactSignature``. When ``patience`` checks in a row count
+    (persistent), artifacts have emerged; when ``patience`` checks in a row then do not, they
+    have vanished.
+
+    Each event goes to TensorBoard as text (``artifacts/events``) and as a JSON line to
+    ``<run dir>/artifact_events.jsonl`` with the layer, its share, the layer where the tokens
+    first appear, their share on the background, the neighbour similarity of them and of the
+    other tokens, and the [CLS] attention on them; the scalar ``artifacts/NAME/present`` is 1
+    while artifacts are present.
 
     Args:
-        level: share of patch tokens (0..1) above which a check counts as "artifacts".
+        level: share of patch tokens (0..1) that a counting check must exceed.
+        max_level: share a counting check may not exceed (artifacts are few: about 2 %).
         patience: checks in a row that make an event.
-        layer: the watched layer (``output`` or ``blockNN``).
-        rule: ``relative`` (the scale-free rule) or ``absolute`` (the norm threshold).
+        layer: ``any`` (every layer the monitor watches; an event names the one with the
+            largest share) or one layer (``output`` or ``blockNN``).
+        rule: the high-norm rule, ``relative`` or ``absolute``; the monitor's ``rule`` by
+            default, and it must be the monitor's.
+        min_onset: the tokens must first appear at a block index of at least this fraction of
+            the depth (0.25: not in the first quarter of the blocks).
+        min_background: share of the tokens that must sit on background patches, where the
+            probe samples have object boxes.
+        min_redundancy_gap: where no box is known, the tokens' mean neighbour cosine must
+            exceed that of the other patch tokens by more than this.
     """
 
     def __init__(
-        self, level: float = 0.01, patience: int = 3, layer: str = OUTPUT, rule: str = "relative"
+        self,
+        level: float = 0.01,
+        max_level: float = 0.10,
+        patience: int = 3,
+        layer: str = ANY_LAYER,
+        rule: str | None = None,
+        min_onset: float = 0.25,
+        min_background: float = 0.5,
+        min_redundancy_gap: float = 0.0,
     ) -> None:
-        if rule not in RULES:
+        if rule is not None and rule not in RULES:
             raise ValueError(f"ArtifactEmergence.rule must be one of {RULES}, got {rule!r}")
         if patience < 1:
             raise ValueError(f"ArtifactEmergence.patience must be >= 1, got {patience}")
+        try:
+            self.signature = ArtifactSignature(
+                level, max_level, min_onset, min_background, min_redundancy_gap
+            )
+        except ValueError as exn:
+            raise ValueError(f"ArtifactEmergence: {exn} (level, max_level, min_onset)") from None
         self.level = level
+        self.max_level = max_level
         self.patience = patience
         self.layer = layer
-        self.key = OutlierRule(rule).share_key
+        self.rule = rule
         self.present: dict[str, bool] = {}
         self.streak: dict[str, list[int]] = {}
+        self.emerged_at: dict[str, str] = {}
+        """The layer named by each backbone's last emergence."""
         self.events: list[dict] = []
         self.trainer: L.Trainer | None = None
 
@@ -49,36 +94,59 @@ class ArtifactEmergence(Callback):
         monitors = [cb for cb in trainer.callbacks if isinstance(cb, TokenNormMonitor)]
         if not monitors:
             raise ValueError("ArtifactEmergence needs a TokenNormMonitor in trainer.callbacks")
+        monitor = monitors[0]
+        if self.rule is not None and self.rule != monitor.rule.kind:
+            raise ValueError(
+                f"ArtifactEmergence.rule {self.rule!r} differs from the TokenNormMonitor's rule "
+                f"{monitor.rule.kind!r}: set TokenNormMonitor.rule"
+            )
         for backbone in monitored_backbones(pl_module).values():
-            layers = monitors[0].layer_names(backbone.depth)
-            if self.layer not in layers:
+            layers = monitor.layer_names(backbone.depth)
+            if self.layer != ANY_LAYER and self.layer not in layers:
                 raise ValueError(
                     f"ArtifactEmergence.layer {self.layer!r} is not watched by the "
-                    f"TokenNormMonitor (layers: {', '.join(layers)})"
+                    f"TokenNormMonitor (layers: {', '.join(layers)}; or {ANY_LAYER!r})"
                 )
-        if self.update not in monitors[0].subscribers:
-            monitors[0].subscribers.append(self.update)
+        if self.update not in monitor.subscribers:
+            monitor.subscribers.append(self.update)
         self.trainer = trainer
+
+    def artifact_layer(self, result: dict) -> str | None:
+        """The watched layer of a monitor ``result`` whose high-norm tokens look like artifacts
+        (the one with the largest share where several do), or None."""
+        signature = result["signature"]
+        layers = list(signature) if self.layer == ANY_LAYER else [self.layer]
+        found = [
+            layer
+            for layer in layers
+            if not self.signature.failures(signature[layer], result["depth"])
+        ]
+        return max(found, key=lambda layer: signature[layer]["share"], default=None)
 
     def update(self, step: int, name: str, result: dict) -> dict | None:
         """Take one check's result for backbone ``name``; returns the event it makes, if any."""
-        share = result["stats"][self.layer][self.key]
+        found = self.artifact_layer(result)
         present = self.present.get(name, False)
         streak = self.streak.setdefault(name, [])
         # A streak is the run of checks that disagree with the current state.
-        streak[:] = [*streak, step] if (share > self.level) != present else []
+        streak[:] = [*streak, step] if (found is not None) != present else []
         event = None
         if len(streak) >= self.patience:
             self.present[name] = present = not present
+            if present:
+                self.emerged_at[name] = found
+            layer = self.emerged_at.get(name, OUTPUT)  # OUTPUT: a state saved without it
+            stats = result["signature"][layer]
             event = {
                 "event": "emerged" if present else "vanished",
                 "step": step,
                 "since_step": streak[0],
                 "backbone": name,
-                "layer": self.layer,
-                "rule": self.key,
-                "share": share,
+                "layer": layer,
+                "rule": result["rule"],
+                **{key: stats[key] for key in EVENT_KEYS},
                 "level": self.level,
+                "max_level": self.max_level,
             }
             self.events.append(event)
             streak.clear()
@@ -94,23 +162,44 @@ class ArtifactEmergence(Callback):
             writer.add_scalar(f"artifacts/{name}/present", float(present), step)
         if event is None:
             return
-        text = (
-            f"step {event['step']}: high-norm artifacts {event['event']} in {name} "
-            f"({event['layer']}: {100 * event['share']:.2f}% of patch tokens by the "
-            f"{event['rule']} rule, level {100 * self.level:g}%, {self.patience} checks in a "
-            f"row since step {event['since_step']})"
-        )
         if writer is not None:
-            writer.add_text("artifacts/events", text, step)
+            writer.add_text("artifacts/events", self.describe(event), step)
         path = run_dir(trainer) / EVENTS_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(event) + "\n")
 
+    def describe(self, event: dict) -> str:
+        """An event as one sentence."""
+
+        def percent(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.1f}%"
+
+        return (
+            f"step {event['step']}: high-norm artifacts {event['event']} in {event['backbone']} "
+            f"({event['layer']}: {percent(event['share'])} of patch tokens by the "
+            f"{event['rule']} rule, first at {event['onset_layer']}, "
+            f"{percent(event['background_share'])} on background patches, neighbour cosine "
+            f"{_number(event['neighbour_cosine_high_norm'])} against "
+            f"{_number(event['neighbour_cosine_normal'])}, "
+            f"{percent(event['cls_attention_on_high_norm'])} of the [CLS] attention; "
+            f"{self.patience} checks in a row since step {event['since_step']})"
+        )
+
     def state_dict(self) -> dict:
-        return {"present": self.present, "streak": self.streak, "events": self.events}
+        return {
+            "present": self.present,
+            "streak": self.streak,
+            "emerged_at": self.emerged_at,
+            "events": self.events,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.present = dict(state_dict["present"])
         self.streak = {k: list(v) for k, v in state_dict["streak"].items()}
+        self.emerged_at = dict(state_dict.get("emerged_at", {}))
         self.events = list(state_dict["events"])
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -24,8 +24,9 @@ from ..measures.norms import (
     OutlierRule,
     high_norm_stats,
     layer_name,
-    token_norms,
 )
+from ..measures.placement import object_share
+from ..measures.signature import SIGNATURE_KEYS, high_norm_signature, probe_forward
 from .probe import ProbeCallback, monitored_backbones
 
 SHARE_KEYS = tuple(OutlierRule(kind).share_key for kind in RULES)
@@ -44,6 +45,15 @@ class TokenNormMonitor(ProbeCallback):
       times the median patch norm of that layer on the probe batch: a scale-free rule that
       judges small models with other norm scales fairly; 3 x median equals 150 for the
       paper's typical normal-token norm of 50) and ``.../max_over_median``;
+    - the signature of the high-norm tokens by ``rule`` (what tells artifacts from
+      look-alikes, ``measures.signature``), as scalars ``artifacts/NAME/LAYER/KEY``:
+      ``onset_block`` (the block where this layer's high-norm tokens first appear; the output
+      counts as block ``depth``), ``background_share`` (their share on background patches,
+      where the probe samples have object boxes), ``neighbour_cosine_high_norm`` and
+      ``neighbour_cosine_normal`` (how alike each patch embedding is to its 4 neighbours, for
+      them and for the other tokens) and ``cls_attention_on_high_norm`` (the share of the
+      last-block [CLS] attention over the patches that lands on them); a key is left out at a
+      check where it has nothing to measure;
     - images ``norm_maps/NAME``: each probe image beside its per-patch norm map at each of
       ``map_layers`` (one colour scale per layer).
 
@@ -53,6 +63,8 @@ class TokenNormMonitor(ProbeCallback):
             final normalized output is always watched.
         threshold: absolute norm threshold of a high-norm token.
         factor: factor of the median norm for the scale-free rule.
+        rule: the rule of the signature scalars and of ``ArtifactEmergence``: ``relative`` or
+            ``absolute``.
         probe_size: validation images in the probe batch.
         n_images: probe images drawn in the norm-map grid.
         map_layers: layers drawn as norm maps.
@@ -65,15 +77,19 @@ class TokenNormMonitor(ProbeCallback):
         layers: list[int] | None = None,
         threshold: float = 150.0,
         factor: float = 3.0,
+        rule: str = "relative",
         probe_size: int = 16,
         n_images: int = 4,
         map_layers: list[str] | None = None,
         save_png: bool = False,
     ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"TokenNormMonitor.rule must be one of {RULES}, got {rule!r}")
         super().__init__(every_n_steps, probe_size, save_png)
         self.layers = layers
         self.threshold = threshold
         self.factor = factor
+        self.rule = OutlierRule(rule, threshold, factor)
         self.n_images = n_images
         self.map_layers = map_layers or [OUTPUT]
         self.subscribers: list[Callable[[int, str, dict], None]] = []
@@ -111,16 +127,31 @@ class TokenNormMonitor(ProbeCallback):
     def measure(self, backbone: nn.Module, images: torch.Tensor) -> dict:
         blocks = range(backbone.depth) if self.layers is None else self.layers
         self._check_layers(backbone.depth)
-        norms = token_norms(backbone, images, blocks)
+        probed = probe_forward(backbone, images, blocks)
+        patch_norms = {layer: kinds["patches"] for layer, kinds in probed["norms"].items()}
         stats = {
-            layer: high_norm_stats(kinds["patches"], self.threshold, self.factor)
-            for layer, kinds in norms.items()
+            layer: high_norm_stats(norms, self.threshold, self.factor)
+            for layer, norms in patch_norms.items()
         }
-        grid_size = (
-            images.shape[-2] // backbone.patch_size,
-            images.shape[-1] // backbone.patch_size,
+        objects = self.probe_objects
+        if objects is not None:
+            objects = object_share(objects[: len(images)], backbone.patch_size)
+        signature = high_norm_signature(
+            patch_norms,
+            backbone.depth,
+            self.rule,
+            probed["redundancy"],
+            probed["attention"],
+            objects,
         )
-        return {"norms": norms, "stats": stats, "grid": grid_size}
+        return {
+            "norms": probed["norms"],
+            "stats": stats,
+            "signature": signature,
+            "rule": self.rule.kind,
+            "depth": backbone.depth,
+            "grid": tuple(probed["attention"].shape[-2:]),
+        }
 
     def run(self, pl_module, step: int, writer=None) -> dict[str, dict]:
         results = super().run(pl_module, step, writer)
@@ -134,10 +165,10 @@ class TokenNormMonitor(ProbeCallback):
             for kind in TOKEN_KINDS:
                 if kinds[kind].numel():
                     writer.add_histogram(f"token_norms/{name}/{layer}/{kind}", kinds[kind], step)
-            for key in (*SHARE_KEYS, "max_over_median"):
-                writer.add_scalar(
-                    f"artifacts/{name}/{layer}/{key}", result["stats"][layer][key], step
-                )
+            values = {**result["stats"][layer], **result["signature"][layer]}
+            for key in (*SHARE_KEYS, "max_over_median", *SIGNATURE_KEYS):
+                if values[key] is not None:
+                    writer.add_scalar(f"artifacts/{name}/{layer}/{key}", values[key], step)
         writer.add_image(f"norm_maps/{name}", self.norm_map_grid(result, images), step)
 
     def norm_map_grid(self, result: dict, images: torch.Tensor) -> torch.Tensor:

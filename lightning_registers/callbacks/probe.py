@@ -1,10 +1,12 @@
-"""What the monitoring callbacks share: a fixed probe batch from validation data, the backbones
-to watch, a forward that leaves training untouched, and rank-0 TensorBoard logging."""
+"""What the monitoring callbacks share: a fixed probe batch from validation data (with its
+objects where the samples have boxes), the backbones to watch, a forward that leaves training
+untouched, and rank-0 TensorBoard logging."""
 
 from __future__ import annotations
 
+import io
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,8 +15,12 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image, ImageDraw
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+
+from ..data.samples import IMAGE_KEYS, decode_image, decode_meta
+from ..measures.placement import UNKNOWN
 
 
 def monitored_backbones(pl_module: L.LightningModule) -> dict[str, nn.Module]:
@@ -60,24 +66,67 @@ def probing(module: nn.Module) -> Iterator[None]:
                 m.reshard()  # an FSDP2 root keeps its gathered parameters after a forward
 
 
-def collect_probe_images(trainer: L.Trainer, n: int) -> torch.Tensor:
+class WithObjects:
+    """A validation sample transform that adds ``objects`` (H, W) to its output: 1 on the
+    sample's object boxes (``.json`` ``objects[].box``, as the demo scenes write them), 0 on the
+    background, ``UNKNOWN`` everywhere for a sample without boxes. The boxes are drawn as an
+    image and sent through the same transform, so any resize and crop moves them as it moves the
+    image (the transform must be deterministic, as evaluation transforms are)."""
+
+    def __init__(self, transform: Callable[[dict], dict]) -> None:
+        self.transform = transform
+
+    def __call__(self, sample: dict) -> dict:
+        out = self.transform(sample)
+        try:
+            boxes = [o["box"] for o in decode_meta(sample)["objects"]]
+        except (KeyError, TypeError, ValueError):
+            out["objects"] = torch.full(out["image"].shape[-2:], UNKNOWN)
+            return out
+        size = decode_image(sample).size
+        drawn, none, full = (self._through(sample, size, b) for b in (boxes, [], [(0, 0, *size)]))
+        out["objects"] = ((drawn - none) > 0.5 * (full - none)).float()
+        return out
+
+    def _through(self, sample: dict, size: tuple[int, int], boxes: list) -> torch.Tensor:
+        """The first channel of the transformed image of ``boxes`` drawn white on black."""
+        mask = Image.new("RGB", size)
+        draw = ImageDraw.Draw(mask)
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(255, 255, 255))
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        fields = {k: v for k, v in sample.items() if k not in IMAGE_KEYS}
+        return self.transform({**fields, "png": buffer.getvalue()})["image"][0]
+
+
+def collect_probe(
+    trainer: L.Trainer, pl_module: L.LightningModule, n: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The first ``n`` validation images (fewer if validation has fewer), as the validation
-    loader yields them; rank 0's images are broadcast so that every rank probes the same."""
+    loader yields them, and their object masks (N, H, W) (see ``WithObjects``; None when the
+    data module cannot make them); rank 0's are broadcast so that every rank probes the same."""
     datamodule = trainer.datamodule
-    loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
+    if datamodule is not None and hasattr(pl_module, "make_transform"):
+        loader = datamodule.val_dataloader(WithObjects(pl_module.make_transform(train=False)))
+    else:
+        loader = datamodule.val_dataloader() if datamodule is not None else trainer.val_dataloaders
     if isinstance(loader, (list, tuple)):
         loader = loader[0] if loader else None
     if loader is None:
         raise ValueError("the monitoring callbacks take their probe images from validation data")
-    images = []
+    images, objects = [], []
     for batch in loader:
-        batch_images = batch["image"] if isinstance(batch, dict) else batch[0]
-        images.append(batch_images[: n - sum(len(x) for x in images)])
+        taken = slice(0, n - sum(len(x) for x in images))
+        images.append((batch["image"] if isinstance(batch, dict) else batch[0])[taken])
+        if isinstance(batch, dict) and "objects" in batch:
+            objects.append(batch["objects"][taken])
         if sum(len(x) for x in images) >= n:
             break
     if not images:
         raise ValueError("the validation data yielded no probe images for monitoring")
-    return trainer.strategy.broadcast(torch.cat(images), src=0)
+    probe = (torch.cat(images), torch.cat(objects) if objects else None)
+    return trainer.strategy.broadcast(probe, src=0)
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -118,6 +167,8 @@ class ProbeCallback(Callback):
         self.probe_size = probe_size
         self.save_png = save_png
         self.probe: torch.Tensor | None = None
+        self.probe_objects: torch.Tensor | None = None
+        """Object masks of the probe images (N, H, W), see ``WithObjects``; None if unknown."""
         self.last_checked_step: int | None = None
         self.results: dict[str, dict] = {}
         """The latest measurement of each backbone, by name."""
@@ -149,7 +200,9 @@ class ProbeCallback(Callback):
         self.last_checked_step = step
         if self.probe is None:
             with preserved_rng(pl_module.device):
-                self.probe = collect_probe_images(trainer, self.probe_size).cpu()
+                probe, objects = collect_probe(trainer, pl_module, self.probe_size)
+            self.probe = probe.cpu()
+            self.probe_objects = None if objects is None else objects.cpu()
         self.run(pl_module, step, tensorboard(trainer))
         if self.save_png and trainer.is_global_zero:
             self.save_figures(run_dir(trainer) / "figures", step)

@@ -2,8 +2,10 @@
 
 Every scene holds 1 to 3 objects on a plain (large uniform regions, where artifacts live) or
 textured background. The main object, whose class is the label, is the largest; it is drawn
-last so that it is never hidden. A scene depends only on (seed, split, index), so any subset
-can be regenerated exactly.
+last so that it is never hidden. A scene depends only on (seed, split, index) and the
+``SceneOptions``, so any subset can be regenerated exactly. The default options make the demo
+dataset; others (smaller objects on plain backgrounds only, distractors nearly as large as the
+main object) make scenes with more redundant patches and a label that needs the whole image.
 """
 
 from __future__ import annotations
@@ -34,6 +36,39 @@ CLASSES: tuple[tuple[str, str, tuple[int, int, int]], ...] = (
 CLASS_NAMES: tuple[str, ...] = tuple(f"{colour} {shape}" for shape, colour, _ in CLASSES)
 BACKGROUNDS = ("plain", "plain", "plain", "gradient", "stripes", "checker", "noise")
 SPLIT_OFFSETS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+@dataclass(frozen=True)
+class SceneOptions:
+    """How scenes are drawn.
+
+    Args:
+        backgrounds: background kinds drawn from, uniformly (repeat a kind to weight it).
+        main_scale: side of the main object, as a fraction of the image side (low, high).
+        distractor_scale: side of each other object, as a fraction of the image side; keep its
+            high end below ``main_scale``'s low end so that the main object stays the largest.
+        objects: number of objects per scene (low, high), the main one included.
+    """
+
+    backgrounds: tuple[str, ...] = BACKGROUNDS
+    main_scale: tuple[float, float] = (0.4, 0.65)
+    distractor_scale: tuple[float, float] = (0.15, 0.3)
+    objects: tuple[int, int] = (1, 3)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.backgrounds) - set(BACKGROUNDS))
+        if not self.backgrounds or unknown:
+            raise ValueError(f"SceneOptions.backgrounds: unknown or none {unknown or '()'}")
+        if not 0 < self.distractor_scale[1] < self.main_scale[0] <= self.main_scale[1] <= 1:
+            raise ValueError(
+                "SceneOptions: distractor_scale must lie below main_scale within (0, 1], got "
+                f"{self.distractor_scale} and {self.main_scale}"
+            )
+        if not 1 <= self.objects[0] <= self.objects[1]:
+            raise ValueError(f"SceneOptions.objects must be 1 <= low <= high, got {self.objects}")
+
+
+DEFAULT_OPTIONS = SceneOptions()
 
 
 @dataclass
@@ -154,17 +189,19 @@ def caption(objects: list[SceneObject], background: str, size: int) -> str:
     return f"{text} on a {background} background"
 
 
-def generate_scene(seed: int, split: str, index: int, size: int = 64):
+def generate_scene(
+    seed: int, split: str, index: int, size: int = 64, options: SceneOptions = DEFAULT_OPTIONS
+):
     """One scene: (PIL image, label, caption, metadata dict with every object's box)."""
     if split not in SPLIT_OFFSETS:
         raise ValueError(f"split must be one of {sorted(SPLIT_OFFSETS)}, got {split!r}")
     rng = np.random.default_rng([seed, SPLIT_OFFSETS[split] + index])
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+    background = options.backgrounds[rng.integers(len(options.backgrounds))]
     pixels = _background(rng, background, size)
-    count = int(rng.integers(1, 4))
-    # The main object is clearly the largest; the others are distractors.
-    sides = [int(rng.uniform(0.4, 0.65) * size)]
-    sides += [int(rng.uniform(0.15, 0.3) * size) for _ in range(count - 1)]
+    count = int(rng.integers(options.objects[0], options.objects[1] + 1))
+    # The main object is the largest; the others are distractors.
+    sides = [int(rng.uniform(*options.main_scale) * size)]
+    sides += [int(rng.uniform(*options.distractor_scale) * size) for _ in range(count - 1)]
     objects: list[SceneObject] = []
     for side in sides:
         for _ in range(20):
@@ -191,9 +228,11 @@ def generate_scene(seed: int, split: str, index: int, size: int = 64):
     return image, objects[0].class_id, caption(objects, background, size), meta
 
 
-def scene_sample(seed: int, split: str, index: int, size: int = 64) -> dict:
+def scene_sample(
+    seed: int, split: str, index: int, size: int = 64, options: SceneOptions = DEFAULT_OPTIONS
+) -> dict:
     """A webdataset sample (encoded fields) for one scene."""
-    image, label, text, meta = generate_scene(seed, split, index, size)
+    image, label, text, meta = generate_scene(seed, split, index, size, options)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return {

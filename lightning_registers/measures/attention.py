@@ -1,6 +1,10 @@
-"""Attention of [CLS] and of each register over the patches (paper Fig. 9, 14)."""
+"""Attention of [CLS] and of each register over the patches (paper Fig. 9, 14), and how much of
+it lands on high-norm tokens."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -13,19 +17,45 @@ def query_names(num_registers: int) -> list[str]:
     return ["cls"] + [f"reg{i}" for i in range(num_registers)]
 
 
-def prefix_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Last-block attention of [CLS] and each register over the patch tokens, reshaped to the
-    patch grid: (B, heads, 1 + R, h, w). Runs the backbone's own forward (FSDP2-safe)."""
+Result = TypeVar("Result")
+
+
+def with_prefix_attention(
+    backbone: nn.Module, images: torch.Tensor, forward: Callable[[], Result]
+) -> tuple[Result, torch.Tensor]:
+    """Run ``forward`` (a forward of ``backbone`` on ``images``) with the last block keeping its
+    attention weights: its result and the ``prefix_attention`` of that forward. One forward
+    serves any other measure taken in it (hooks), and it is the backbone's own (FSDP2-safe)."""
     attn = backbone.blocks[-1].attn
     attn.keep_attention = True
     try:
-        backbone(images)
+        result = forward()
         attention = attn.attention.float()
     finally:
         attn.keep_attention, attn.attention = False, None
     r = backbone.num_prefix_tokens
     grid_size = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
-    return attention[:, :, :r, r:].reshape(*attention.shape[:2], r, *grid_size)
+    return result, attention[:, :, :r, r:].reshape(*attention.shape[:2], r, *grid_size)
+
+
+def prefix_attention(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Last-block attention of [CLS] and each register over the patch tokens, reshaped to the
+    patch grid: (B, heads, 1 + R, h, w)."""
+    return with_prefix_attention(backbone, images, lambda: backbone(images))[1]
+
+
+def attention_on_high_norm(attention: torch.Tensor, high_norm: torch.Tensor) -> dict:
+    """Share of each query's patch attention (head mean of a ``prefix_attention``) that lands
+    on high-norm patches (``high_norm``, (N, P)), against the share of patches that are
+    high-norm."""
+    mean = attention.float().mean(dim=1).flatten(2)  # (N, queries, P)
+    mean = mean / mean.sum(-1, keepdim=True)
+    on_high = (mean * high_norm[:, None].float()).sum(-1).mean(0)
+    return {
+        "share_of_patches": high_norm.float().mean().item(),
+        "cls": on_high[0].item(),
+        "registers": on_high[1:].tolist(),
+    }
 
 
 def attention_grids(

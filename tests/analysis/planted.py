@@ -17,9 +17,11 @@ PATCH = 8
 SIDE = GRID * PATCH
 
 
-def planted_backbone(plant: bool = True, seed: int = 0) -> RegisterViT:
+def planted_backbone(
+    plant: bool = True, seed: int = 0, positions=PLANTED, block_index: int = PLANTED_BLOCK
+) -> RegisterViT:
     """A 4-block ViT (width 64, 8x8 patches of 8 pixels, no registers); ``plant=False`` gives
-    the same weights without the edit."""
+    the same weights without the edit; ``positions`` and ``block_index`` move the planted tokens."""
     torch.manual_seed(seed)
     model = RegisterViT(
         "vit_tiny",
@@ -33,11 +35,11 @@ def planted_backbone(plant: bool = True, seed: int = 0) -> RegisterViT:
     if not plant:
         return model
     # Channels 0-1 carry the artifact, channel 2 the marker; nothing else writes to them.
-    mlp = model.blocks[PLANTED_BLOCK].mlp
+    mlp = model.blocks[block_index].mlp
     with torch.no_grad():
         model.pos_embed.mul_(25)  # positions readable from normal tokens
         model.pos_embed[..., :3] = 0
-        model.pos_embed[0, 1 + torch.tensor(PLANTED), 2] = 6.0
+        model.pos_embed[0, 1 + torch.tensor(positions), 2] = 6.0
         model.patch_embed.proj.weight[:3] = 0
         model.patch_embed.proj.bias[:3] = 0
         for block in model.blocks:

@@ -3,13 +3,13 @@
 import json
 import random
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from analysis.planted import GRID
 from lightning.pytorch.callbacks import LambdaCallback
-from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from planted_runs import artifact_backbone, fit, switched_on_at, write_scenes
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.layers import DropPath
 
@@ -19,10 +19,9 @@ from lightning_registers.callbacks import (
     TokenNormMonitor,
     probing,
 )
-from lightning_registers.data import ShardDataModule
 from lightning_registers.measures import high_norm_stats, token_norms
+from lightning_registers.measures.signature import SIGNATURE_KEYS
 from lightning_registers.models import RegisterViT
-from lightning_registers.objectives import SupervisedModule
 
 PLANTED = [2, 9]  # patch indices (of 16) that get a huge norm in every image
 REGISTERS = 2
@@ -67,40 +66,9 @@ def accumulator(log_dir) -> EventAccumulator:
     return events
 
 
-def fit(tmp_path, demo_shards, backbone, callbacks, max_steps=6, lr=0.0, **module_args):
-    L.seed_everything(0)
-    module = SupervisedModule(
-        backbone,
-        num_classes=10,
-        image_size=32,
-        lr=lr,
-        warmup_epochs=0,
-        optimizer="adamw",
-        **module_args,
-    )
-    data = ShardDataModule(
-        str(demo_shards / "train" / "*.tar"),
-        str(demo_shards / "val" / "*.tar"),
-        batch_size=4,
-        num_workers=0,
-        samples_per_epoch=16,
-        image_size=32,
-        num_classes=10,
-    )
-    logger = TensorBoardLogger(tmp_path, name="run")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=logger,
-        callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, datamodule=data)
-    return trainer
+def fit_demo(tmp_path, demo_shards, backbone, callbacks, **kwargs):
+    train, val = (str(demo_shards / split / "*.tar") for split in ("train", "val"))
+    return fit(tmp_path, train, val, backbone, callbacks, **kwargs)
 
 
 def monitors(**emergence):
@@ -109,7 +77,7 @@ def monitors(**emergence):
             every_n_steps=2, probe_size=8, n_images=3, map_layers=["block01", "output"]
         ),
         AttentionMapMonitor(every_n_steps=2, n_images=3),
-        ArtifactEmergence(level=0.05, patience=2, **emergence),
+        ArtifactEmergence(patience=2, **emergence),
     ]
 
 
@@ -138,19 +106,59 @@ def test_high_norm_stats_by_hand():
     assert stats["max_over_median"] == pytest.approx(200 / 3)
 
 
-def test_emergence_needs_patience_checks_in_a_row_both_ways():
+def check(share=0.0, onset_block=2, background_share=0.9, layer="block03") -> dict:
+    """A TokenNormMonitor result for a 4-block backbone: ``layer``'s high-norm tokens have
+    ``share``, appear at ``onset_block`` and sit ``background_share`` on the background;
+    every other layer has none."""
+    quiet = dict.fromkeys(("onset_layer", *SIGNATURE_KEYS), None)
+    signature = {name: {**quiet, "share": 0.0} for name in ("block00", "block03", "output")}
+    signature[layer] = {
+        "share": share,
+        "onset_layer": f"block{onset_block:02d}",
+        "onset_block": onset_block,
+        "background_share": background_share,
+        "neighbour_cosine_high_norm": 0.9,
+        "neighbour_cosine_normal": 0.5,
+        "cls_attention_on_high_norm": 0.3,
+    }
+    return {"signature": signature, "depth": 4, "rule": "relative"}
+
+
+def test_emergence_needs_patience_artifact_like_checks_in_a_row_both_ways():
     watcher = ArtifactEmergence(level=0.01, patience=3)
-    shares = [0.0, 0.02, 0.02, 0.0, 0.02, 0.02, 0.02, 0.0, 0.02, 0.0, 0.0, 0.0]
-    events = []
-    for step, share in enumerate(shares):
-        event = watcher.update(
-            step * 10, "backbone", {"stats": {"output": {"high_norm_share_relative": share}}}
-        )
-        events += [event] if event else []
-    assert [(e["event"], e["step"], e["since_step"]) for e in events] == [
-        ("emerged", 60, 40),
-        ("vanished", 110, 90),
+    artifacts, none = check(0.02), check(0.0)
+    checks = [none, artifacts, artifacts, none, artifacts, artifacts, artifacts]
+    checks += [none, artifacts, none, check(0.5), check(0.02, onset_block=0)]
+    events = [watcher.update(step * 10, "backbone", c) for step, c in enumerate(checks)]
+    events = [e for e in events if e]
+    assert [(e["event"], e["step"], e["since_step"], e["layer"]) for e in events] == [
+        ("emerged", 60, 40, "block03"),
+        ("vanished", 110, 90, "block03"),
     ]
+    assert events[0]["onset_layer"] == "block02" and events[0]["background_share"] == 0.9
+    assert events[0]["cls_attention_on_high_norm"] == 0.3 and events[0]["rule"] == "relative"
+
+
+@pytest.mark.parametrize(
+    "look_alike",
+    [
+        check(0.14),  # too many
+        check(0.02, onset_block=0),  # from the first block on
+        check(0.02, background_share=0.2),  # on the objects
+    ],
+    ids=["many", "early", "on_objects"],
+)
+def test_persistent_look_alikes_make_no_event(look_alike):
+    watcher = ArtifactEmergence(level=0.01, patience=2)
+    assert not any(watcher.update(step, "backbone", look_alike) for step in range(10))
+    assert watcher.update(10, "backbone", check(0.02)) is None
+    assert watcher.update(11, "backbone", check(0.02))["event"] == "emerged"
+
+
+def test_emergence_watches_one_layer_when_told():
+    on_output = ArtifactEmergence(layer="output", patience=1)
+    assert on_output.update(0, "backbone", check(0.02, layer="block03")) is None
+    assert on_output.update(1, "backbone", check(0.02, layer="output"))["layer"] == "output"
 
 
 def test_probing_leaves_training_flags_and_random_state_untouched():
@@ -178,7 +186,7 @@ def test_probing_leaves_training_flags_and_random_state_untouched():
 def test_planted_high_norm_tokens_are_read_back_from_the_event_files(tmp_path, demo_shards):
     backbone = planted_backbone()
     callbacks = monitors()
-    trainer = fit(tmp_path, demo_shards, backbone, callbacks)
+    trainer = fit_demo(tmp_path, demo_shards, backbone, callbacks)
     events = accumulator(trainer.log_dir)
     share = len(PLANTED) / 16
     for layer in ("block00", "block01", "output"):
@@ -203,21 +211,55 @@ def test_planted_high_norm_tokens_are_read_back_from_the_event_files(tmp_path, d
     assert registers.max == pytest.approx(prenorm[:, 1 : 1 + REGISTERS].max().item(), rel=1e-5)
     assert events.Histograms("token_norms/backbone/output/cls")[0].histogram_value.num == 8
 
-    assert [s.value for s in events.Scalars("artifacts/backbone/present")] == [0, 1, 1, 1]
-    texts = events.Tensors("artifacts/events/text_summary")
-    assert len(texts) == 1 and texts[0].step == 2
-    assert "emerged" in texts[0].tensor_proto.string_val[0].decode()
-    lines = (tmp_path / "run" / "version_0" / "artifact_events.jsonl").read_text().splitlines()
-    assert [json.loads(line)["event"] for line in lines] == ["emerged"]
-    assert json.loads(lines[0])["step"] == 2
+    # High from the first block on and 12.5 % of the patches: a look-alike, not artifacts.
+    assert all(s.value == 0 for s in events.Scalars("artifacts/backbone/output/onset_block"))
+    assert [s.value for s in events.Scalars("artifacts/backbone/present")] == [0, 0, 0, 0]
+    assert not (tmp_path / "run" / "version_0" / "artifact_events.jsonl").exists()
 
     side = 96 + 2  # 32 px shown at 3x, plus the grid padding
     norm_maps = events.Images("norm_maps/backbone")
     assert (norm_maps[0].height, norm_maps[0].width) == (3 * side + 2, 3 * side + 2)
 
 
+@pytest.mark.parametrize("on_background", [True, False], ids=["artifacts", "look_alikes"])
+def test_planted_tokens_switched_on_fire_the_event_only_with_the_artifact_signature(
+    tmp_path, on_background
+):
+    """Tokens planted from block 1 on the background fire the event two checks after they are
+    switched on; the same tokens from block 0 on the object never do."""
+    scenes = write_scenes(tmp_path / "scenes")
+    backbone = artifact_backbone(on_background)
+    callbacks = [switched_on_at(backbone, 4), *monitors()]
+    trainer = fit(tmp_path, scenes, scenes, backbone, callbacks, max_steps=12, image_size=64)
+    events = accumulator(trainer.log_dir)
+    share = events.Scalars("artifacts/backbone/output/high_norm_share_relative")
+    assert [(s.step, s.value) for s in share] == [
+        (step, pytest.approx(3 / GRID**2 if step >= 4 else 0.0)) for step in range(0, 13, 2)
+    ]
+    onset = events.Scalars("artifacts/backbone/output/onset_block")
+    background = events.Scalars("artifacts/backbone/output/background_share")
+    assert [s.step for s in onset] == [s.step for s in background] == [4, 6, 8, 10, 12]
+    assert {s.value for s in onset} == {1 if on_background else 0}
+    assert {s.value for s in background} == {1.0 if on_background else 0.0}
+    attention = events.Scalars("artifacts/backbone/output/cls_attention_on_high_norm")
+    assert all(0 < s.value < 1 for s in attention)
+    present = [s.value for s in events.Scalars("artifacts/backbone/present")]
+    path = tmp_path / "run" / "version_0" / "artifact_events.jsonl"
+    if not on_background:
+        assert present == [0] * 7 and not path.exists()
+        return
+    assert present == [0, 0, 0, 1, 1, 1, 1]
+    (event,) = [json.loads(line) for line in path.read_text().splitlines()]
+    assert (event["event"], event["step"], event["since_step"]) == ("emerged", 6, 4)
+    assert (event["layer"], event["onset_layer"]) == ("block01", "block01")
+    assert event["share"] == pytest.approx(3 / GRID**2) and event["background_share"] == 1.0
+    assert event["neighbour_cosine_high_norm"] > event["neighbour_cosine_normal"]
+    (text,) = events.Tensors("artifacts/events/text_summary")
+    assert text.step == 6 and "emerged" in text.tensor_proto.string_val[0].decode()
+
+
 def test_attention_images_have_the_right_size_and_count(tmp_path, demo_shards):
-    trainer = fit(tmp_path, demo_shards, tiny_backbone(), monitors(), max_steps=2)
+    trainer = fit_demo(tmp_path, demo_shards, tiny_backbone(), monitors(), max_steps=2)
     events = accumulator(trainer.log_dir)
     tags = sorted(t for t in events.Tags()["images"] if t.startswith("attention/"))
     assert tags == [
@@ -235,7 +277,7 @@ def test_attention_images_have_the_right_size_and_count(tmp_path, demo_shards):
 
 
 def test_normal_weights_report_no_emergence(tmp_path, demo_shards):
-    trainer = fit(tmp_path, demo_shards, tiny_backbone(), monitors())
+    trainer = fit_demo(tmp_path, demo_shards, tiny_backbone(), monitors())
     events = accumulator(trainer.log_dir)
     assert [s.value for s in events.Scalars("artifacts/backbone/present")] == [0, 0, 0, 0]
     assert all(
@@ -252,7 +294,7 @@ def test_the_same_seed_gives_the_same_losses_with_and_without_monitoring(tmp_pat
         every_step = [TokenNormMonitor(every_n_steps=1), AttentionMapMonitor(every_n_steps=1)]
         backbone = tiny_backbone()
         backbone.blocks[1].drop_path1 = DropPath(0.2)  # random, and only in training mode
-        fit(
+        fit_demo(
             tmp_path / name,
             demo_shards,
             backbone,
@@ -270,7 +312,7 @@ def test_figures_are_written_as_png_files(tmp_path, demo_shards):
         TokenNormMonitor(every_n_steps=2, layers=[-1], save_png=True),
         AttentionMapMonitor(every_n_steps=2, save_png=True),
     ]
-    trainer = fit(tmp_path, demo_shards, tiny_backbone(), callbacks, max_steps=2)
+    trainer = fit_demo(tmp_path, demo_shards, tiny_backbone(), callbacks, max_steps=2)
     figures = sorted(p.name for p in (tmp_path / "run" / "version_0" / "figures").iterdir())
     assert len(figures) == 2 * (3 + 1 + 1 + REGISTERS)  # checks at steps 0 and 2
     assert "norm_hist_backbone_step0000002.png" in figures
@@ -282,11 +324,11 @@ def test_figures_are_written_as_png_files(tmp_path, demo_shards):
 
 def test_bad_monitor_settings_fail_before_training(tmp_path, demo_shards):
     with pytest.raises(ValueError, match="map_layers"):
-        fit(tmp_path, demo_shards, tiny_backbone(), [TokenNormMonitor(map_layers=["block07"])])
+        fit_demo(tmp_path, demo_shards, tiny_backbone(), [TokenNormMonitor(map_layers=["block07"])])
     with pytest.raises(ValueError, match="needs a TokenNormMonitor"):
-        fit(tmp_path, demo_shards, tiny_backbone(), [ArtifactEmergence()])
+        fit_demo(tmp_path, demo_shards, tiny_backbone(), [ArtifactEmergence()])
     with pytest.raises(ValueError, match="layer 'block05'"):
-        fit(
+        fit_demo(
             tmp_path,
             demo_shards,
             tiny_backbone(),
