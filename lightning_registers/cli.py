@@ -12,20 +12,33 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from .data import ShardDataModule, write_demo_shards, write_folder_shards, write_table_shards
+from .data.datamodule import check_shard_urls
 from .objectives import ObjectiveModule
+from .objectives.checkpoint import check_training_checkpoint
+from .objectives.safe_load import UntrustedCheckpointError, read_checkpoint
+from .runs import RUNS_DIR, resume_checkpoint, run_version
 
-RUNS_DIR = "runs"
+TRUST_HELP = "load a checkpoint that runs code while it loads: only one from a source you trust"
+
+
+def fail(message: str) -> NoReturn:
+    """End the command with a one-line error and exit code 2, as argparse does."""
+    print(f"lightning-registers: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class RegistersCLI(LightningCLI):
-    """LightningCLI with the links between data and model and runs under
-    ``runs/<experiment>/version_N/``."""
+    """LightningCLI with the links between data and model, runs under
+    ``runs/<experiment>/version_N/``, and every error known before work (missing shards, a value
+    out of range, a checkpoint that does not load or is of another objective) as one line."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -44,6 +57,22 @@ class RegistersCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.backbone.init_args.img_size")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            try:
+                check_shard_urls(subcommand, self.config[subcommand].data)
+                select_checkpoint(self.config[subcommand])
+            except (FileNotFoundError, ValueError) as exn:
+                fail(str(exn))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters into the config with
+        # weights_only=True whatever --weights_only says: a trusted checkpoint keeps the config's.
+        if self.config[self.config.subcommand].get("weights_only") is not False:
+            super()._parse_ckpt_path()
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.trainer.logger in (None, True):
@@ -55,6 +84,18 @@ class RegistersCLI(LightningCLI):
                 "init_args": {"save_dir": RUNS_DIR, "name": config.experiment, "version": version},
             }
 
+    def instantiate_classes(self) -> None:
+        # jsonargparse wraps what a constructor raises; a ValueError there is a value out of range.
+        try:
+            super().instantiate_classes()
+        except (FileNotFoundError, ValueError) as exn:
+            cause = exn
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if not isinstance(cause, FileNotFoundError | ValueError):
+                raise
+            fail(str(cause))
+
     def after_fit(self) -> None:
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and log_dir:
@@ -64,26 +105,40 @@ class RegistersCLI(LightningCLI):
             print(f"watch it with: tensorboard --logdir {log_dir.parent}")
 
 
-def run_versions(experiment: str, root: Path = Path(".")) -> list[int]:
-    """N of every ``runs/<experiment>/version_N`` under ``root``."""
-    runs = root / RUNS_DIR / experiment
-    return [int(p.name[8:]) for p in runs.glob("version_*") if p.name[8:].isdigit()]
+def select_checkpoint(config) -> None:
+    """Settle ``ckpt_path`` of a subcommand's ``config`` before anything is built: ``last``
+    becomes the newest checkpoint that loads (see ``runs.resume_checkpoint``), or None (a new
+    run) where no run has one; a local checkpoint must load with ``weights_only`` (True unless
+    the user passes ``--weights_only false``) and be of the configured objective."""
+    if config.weights_only is None:
+        config.weights_only = True  # Lightning leaves it to torch, which before 2.6 trusts all
+    ckpt_path = str(config.ckpt_path or "")
+    if ckpt_path in ("", "best", "hpc") or ckpt_path.lower().startswith("registry"):
+        return  # nothing to check, or Lightning's keys for what it keeps track of itself
+    if "://" in ckpt_path:
+        return  # a remote file: Lightning reads it (with weights_only)
 
+    def load(path) -> dict:
+        try:
+            return read_checkpoint(path, trusted=not config.weights_only)
+        except UntrustedCheckpointError as exn:
+            raise UntrustedCheckpointError(exn.path, exn.reason, "--weights_only false") from None
 
-def run_version(ckpt_path: str | None, experiment: str) -> int | None:
-    """The run a resumed fit continues: N when ``ckpt_path`` lies in
-    ``runs/<experiment>/version_N/``, the newest version for ``last``, else None (a new run)."""
     if ckpt_path == "last":
-        return max(run_versions(experiment), default=None)
-    if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
-        return None
-    parts = Path(ckpt_path).resolve().parts
-    base = Path(RUNS_DIR, experiment).resolve().parts
-    if parts[: len(base)] == base and len(parts) > len(base):
-        version = parts[len(base)]
-        if version.startswith("version_") and version[8:].isdigit():
-            return int(version[8:])
-    return None
+        found = resume_checkpoint(config.experiment, config.version, load)
+        if found is None:
+            rank_zero_warn(
+                f"--ckpt_path last: no run of {config.experiment!r} has a checkpoint; "
+                "starting a new run"
+            )
+            config.ckpt_path = None
+            return
+        config.version, path, checkpoint = found
+        config.ckpt_path = str(path)
+        rank_zero_info(f"resuming from {path}")
+    else:
+        path, checkpoint = ckpt_path, load(ckpt_path)
+    check_training_checkpoint(checkpoint, path, config.model.class_path)
 
 
 def lightning_main(args: list[str] | None = None) -> RegistersCLI:
@@ -174,8 +229,14 @@ def export_main(args: list[str]) -> None:
         "--part", default=None, help="which backbone: student or teacher (DINO; default teacher)"
     )
     parser.add_argument("--layout", default="ours", choices=EXPORT_LAYOUTS)
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     opts = parser.parse_args(args)
-    out = export_backbone(opts.checkpoint, opts.out, opts.part, opts.layout)
+    try:
+        out = export_backbone(
+            opts.checkpoint, opts.out, opts.part, opts.layout, opts.trust_checkpoint
+        )
+    except ValueError as exn:
+        fail(str(exn))
     print(f"wrote {out}")
 
 
@@ -239,6 +300,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ttr-threshold", type=float, default=None, help="outlier norm cut")
     parser.add_argument("--ttr-top-layer", type=int, default=None, help="highest neuron block")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     return parser
 
 
@@ -264,7 +326,7 @@ def analyze_main(args: list[str]) -> None:
     # Every checkpoint loads (or fails) before any image is read.
     try:
         backbones = [
-            load_backbone(path, fmt, opts.part, opts.num_heads)
+            load_backbone(path, fmt, opts.part, opts.num_heads, trusted=opts.trust_checkpoint)
             for path, fmt in zip(paths, formats, strict=True)
         ]
     except (ValueError, KeyError) as exn:  # KeyError: CheckpointMismatchError names the keys
@@ -311,17 +373,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightning-registers`` command."""
-    argv = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
         else:
-            lightning_main(argv)
+            lightning_main(argv)  # None: LightningCLI reads the command line itself
             close_process_group()
     except FileNotFoundError as exn:
         # Missing shards or input files are the user's to fix: no traceback.
-        print(f"lightning-registers: error: {exn}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(exn))
 
 
 if __name__ == "__main__":

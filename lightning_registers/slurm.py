@@ -5,8 +5,12 @@ SIGUSR1 90 s before the time limit and makes the job requeueable. On SIGUSR1 (fr
 ``scancel --signal=USR1 --batch``, which the script forwards to the tasks) the tasks save a
 checkpoint into the run directory after the current training step and requeue the job
 (``objectives.requeue.SlurmRequeue``); the requeued job runs the same script,
-which resumes from that checkpoint, else from ``checkpoints/last.ckpt``, in the same run
-directory and TensorBoard run.
+which resumes from the newest of its checkpoints that loads (``--ckpt_path last``), in the
+same run directory and TensorBoard run.
+
+Every value is checked before anything is written (counts, the time and memory formats, no
+control characters) and quoted where the script holds it: for sbatch's own parser in
+``#SBATCH`` lines, for the shell elsewhere.
 """
 
 from __future__ import annotations
@@ -20,9 +24,17 @@ from pathlib import Path
 
 import yaml
 
-from .cli import RUNS_DIR, run_versions
+from .runs import run_dir, run_versions
 
 SCRIPT_NAME = "submit.sbatch"
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+FORMATS = {  # what sbatch reads, and how the error puts it
+    "time": (
+        r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|UNLIMITED|INFINITE",
+        "minutes, [hours:]minutes:seconds or days-hours[:minutes[:seconds]]",
+    ),
+    "mem": (r"\d+[KMGTkmgt]?", "megabytes, or a number with K, M, G or T"),
+}
 
 TEMPLATE = """#!/bin/bash
 #SBATCH --job-name={job_name}
@@ -32,16 +44,17 @@ TEMPLATE = """#!/bin/bash
 {optional}#SBATCH --signal=B:USR1@90
 #SBATCH --requeue
 #SBATCH --open-mode=append
-#SBATCH --output={run_dir}/slurm-%j.out
-#SBATCH --error={run_dir}/slurm-%j.out
+#SBATCH --output={log}
+#SBATCH --error={log}
 # Rendered by `lightning-registers submit`; rerun as is by Slurm when the job is requeued.
 set -u
 cd {workdir}
 RUN_DIR={run_dir}
 RESUME=""
-if ! ls "$RUN_DIR"/hpc_ckpt_*.ckpt >/dev/null 2>&1 && [ -e "$RUN_DIR/checkpoints/last.ckpt" ]; then
-  RESUME="--ckpt_path=last"  # no requeue checkpoint (e.g. a node failed): the last epoch's
-fi
+for CHECKPOINT in "$RUN_DIR"/hpc_ckpt_*.ckpt "$RUN_DIR"/checkpoints/*.ckpt; do
+  # A requeue or epoch checkpoint exists: fit resumes from the newest of them that loads.
+  if [ -e "$CHECKPOINT" ]; then RESUME="--ckpt_path=last"; fi
+done
 echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname): ${{RESUME:-fit}}"
 # Forward the requeue signal to the tasks: they save a checkpoint after this step and requeue.
 trap 'echo "SIGUSR1: forwarding to the tasks"; kill -USR1 "$SRUN_PID" 2>/dev/null' USR1
@@ -64,9 +77,17 @@ def experiment_name(configs: list[str]) -> str:
 def next_run_dir(experiment: str, root: Path) -> tuple[int, Path]:
     """Reserve ``runs/<experiment>/version_N`` (the next free N) by creating it."""
     version = max(run_versions(experiment, root), default=-1) + 1
-    run_dir = root / RUNS_DIR / experiment / f"version_{version}"
-    run_dir.mkdir(parents=True)
-    return version, run_dir
+    path = run_dir(experiment, version, root)
+    path.mkdir(parents=True)
+    return version, path
+
+
+def sbatch_quote(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line: sbatch reads those lines itself, where
+    a backslash escapes the next character even inside quotes (unlike the shell)."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def render(opts: argparse.Namespace, fit_args: list[str], version: int, run_dir: Path) -> str:
@@ -78,7 +99,7 @@ def render(opts: argparse.Namespace, fit_args: list[str], version: int, run_dir:
     for flag in ("mem", "time", "partition", "account", "qos"):
         value = getattr(opts, flag)
         if value:
-            optional.append(f"#SBATCH --{flag}={value}")
+            optional.append(f"#SBATCH --{flag}={sbatch_quote(value)}")
     experiment = opts.experiment or experiment_name(opts.config)
     fit = [
         "lightning-registers",
@@ -93,19 +114,43 @@ def render(opts: argparse.Namespace, fit_args: list[str], version: int, run_dir:
         *fit_args,
     ]
     return TEMPLATE.format(
-        job_name=opts.job_name or experiment,
+        job_name=sbatch_quote(opts.job_name or experiment),
         nodes=opts.nodes,
         tasks_per_node=devices,
         cpus_per_task=opts.cpus_per_task,
         optional="".join(f"{line}\n" for line in optional),
+        log=sbatch_quote(f"{run_dir}/slurm-%j.out"),
         run_dir=shlex.quote(str(run_dir)),
         workdir=shlex.quote(str(Path.cwd())),
         fit=" ".join(shlex.quote(arg) for arg in fit),
     )
 
 
+def check_options(opts: argparse.Namespace, fit_args: list[str], fail) -> None:
+    """Call ``fail(message)`` on the first option sbatch would reject or misread: a count out
+    of range, a time or memory Slurm does not read, a control character in any value (a
+    newline would start a new line of the script)."""
+    for flag, least in (("nodes", 1), ("gpus_per_node", 0), ("devices", 1), ("cpus_per_task", 1)):
+        value = getattr(opts, flag)
+        if value is not None and value < least:
+            fail(f"--{flag.replace('_', '-')} must be >= {least}, got {value}")
+    for flag, value in [*vars(opts).items(), ("fit argument", fit_args)]:
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and CONTROL.search(item):
+                fail(f"--{flag.replace('_', '-')}: control character in {item!r}")
+    for flag, (pattern, form) in FORMATS.items():
+        value = getattr(opts, flag)
+        if value and not re.fullmatch(pattern, value):
+            fail(f"--{flag}: {value!r} is not a Slurm {flag} ({form})")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="lightning-registers submit",
         description="Render an sbatch script for `lightning-registers fit` into a new run "
         "directory, print it and submit it. Arguments after the options go to `fit` "
@@ -131,7 +176,9 @@ def parser() -> argparse.ArgumentParser:
 
 def submit_main(args: list[str]) -> str | None:
     """``lightning-registers submit ...``; returns the job id (None for a dry run)."""
-    opts, fit_args = parser().parse_known_args(args)
+    p = parser()
+    opts, fit_args = p.parse_known_args(args)
+    check_options(opts, fit_args, p.error)
     for config in opts.config:
         if not Path(config).is_file():
             raise FileNotFoundError(f"config {config} does not exist")

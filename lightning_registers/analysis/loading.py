@@ -16,6 +16,7 @@ from ..models import ARCHS, LAYOUTS, RegisterViT, convert_state_dict, load_pretr
 from ..models.convert import unwrap_state_dict
 from ..models.vit import swiglu_hidden_features
 from ..objectives.checkpoint import exported_backbone, load_objective
+from ..objectives.safe_load import read_checkpoint
 
 HEAD_DIM = 64  # every released ViT we know of (DINOv2, DeiT-III, OpenCLIP) uses 64
 
@@ -43,13 +44,13 @@ def checkpoint_name(path: str | Path) -> str:
 
 
 def read_state_file(path: Path, trusted: bool = False) -> dict:
-    """A ``.safetensors`` file or anything ``torch.load`` reads, on the CPU. Only ``trusted``
-    files (our own, which hold Python objects besides tensors) may unpickle objects."""
+    """A ``.safetensors`` file or anything ``torch.load`` reads, on the CPU; only a ``trusted``
+    file may run code while it loads (see ``read_checkpoint``)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=not trusted)
+    return read_checkpoint(path, trusted)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], layout: str) -> dict:
@@ -126,6 +127,7 @@ def load_backbone(
     format: str = "ours",
     part: str | None = None,
     num_heads: int | None = None,
+    trusted: bool = False,
 ) -> LoadedBackbone:
     """The backbone stored at ``path`` in eval mode on the CPU.
 
@@ -137,6 +139,8 @@ def load_backbone(
         part: the backbone of a training checkpoint (DINO: ``teacher``, the default, or
             ``student``).
         num_heads: attention heads of a released model (default ``embed_dim / 64``).
+        trusted: load a file that needs code to unpickle (only one from a source you trust);
+            by default only tensors and plain data load, else a one-line error names the file.
     """
     if format not in LAYOUTS:
         raise ValueError(f"format must be one of {LAYOUTS}, got {format!r}")
@@ -145,9 +149,9 @@ def load_backbone(
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     if format == "ours":
-        stored = {} if path.is_dir() or path.suffix == ".ckpt" else read_state_file(path, True)
+        stored = {} if path.is_dir() or path.suffix == ".ckpt" else read_state_file(path, trusted)
         if not stored or "hyper_parameters" in stored:
-            module = load_objective(path)
+            module = load_objective(path, trusted)
             model = exported_backbone(module, part)
             mean, std = module.image_mean, module.image_std
         elif "config" in stored and "state_dict" in stored:
@@ -164,7 +168,7 @@ def load_backbone(
             raise ValueError(f"{path} is a directory; {format} weights are one file")
         if format == "open_clip":
             mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-        raw = _strip_backbone_prefix(unwrap_state_dict(read_state_file(path)))
+        raw = _strip_backbone_prefix(unwrap_state_dict(read_state_file(path, trusted)))
         try:
             converted = convert_state_dict(raw, format)
         except KeyError as exn:

@@ -4,7 +4,7 @@ reports every skip of its stream's workers in the batches."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +15,14 @@ from torch.utils.data import DataLoader, default_collate
 from .stream import NoReadableSampleError, ShardStream, expand_urls
 
 Transform = Callable[[dict], dict]
+NEEDED_URLS = {"fit": ("train_urls", "val_urls"), "validate": ("val_urls",), "test": ("val_urls",)}
+
+
+def check_shard_urls(stage: str, arguments: Mapping) -> None:
+    """Raise, naming them, when ``arguments`` (the DataModule's) lack shards ``stage`` reads."""
+    missing = [name for name in NEEDED_URLS.get(stage, ()) if not arguments.get(name)]
+    if missing:
+        raise ValueError(f"{stage} needs data.{' and data.'.join(missing)}: set the shards")
 
 
 class _SkipReportsApart:
@@ -122,14 +130,7 @@ class ShardDataModule(L.LightningDataModule):
         self.start_epoch = 0
 
     def setup(self, stage: str) -> None:
-        needed = {
-            "fit": ("train_urls", "val_urls"),
-            "validate": ("val_urls",),
-            "test": ("val_urls",),
-        }.get(stage, ())
-        missing = [name for name in needed if not self.hparams[name]]
-        if missing:
-            raise ValueError(f"{stage} needs data.{' and data.'.join(missing)}: set the shards")
+        check_shard_urls(stage, self.hparams)
 
     @property
     def class_names(self) -> list[str] | None:

@@ -45,8 +45,12 @@ class ObjectiveModule(L.LightningModule):
     image_std: tuple[float, ...] = IMAGENET_DEFAULT_STD
 
     def save_objective_hparams(self, backbone: RegisterViT) -> None:
-        """Save the constructor arguments, the backbone as its class_path config."""
+        """Save the constructor arguments, the backbone as its class_path config; a negative
+        learning rate or weight decay fails here, naming the argument."""
         self.save_hyperparameters(ignore=["backbone"], frame=inspect.currentframe().f_back)
+        for key in ("lr", "min_lr", "weight_decay", "weight_decay_end"):
+            if self.hparams.get(key, 0) < 0:
+                raise ValueError(f"{key} must be >= 0, got {self.hparams[key]}")
         self.hparams["backbone"] = {
             "class_path": f"{RegisterViT.__module__}.{RegisterViT.__name__}",
             "init_args": dict(backbone.config),

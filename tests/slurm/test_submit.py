@@ -1,7 +1,9 @@
-"""`lightning-registers submit` against a real one-node Slurm cluster: a 2-task CPU DDP job of
-the demo config runs; a job signalled with USR1 requeues and continues its global step."""
+"""`lightning-registers submit`: options are checked and every value quoted for sbatch and the
+shell; against a real one-node Slurm cluster, a 2-task CPU DDP job of the demo config runs, and
+a job signalled with USR1 requeues and continues its global step."""
 
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -13,6 +15,10 @@ from cluster import SlurmCluster
 from demo_run import ROOT, demo_data, write_yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_registers.slurm import submit_main
+
+DEMO = str(ROOT / "configs/demo/supervised.yaml")
+
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
@@ -21,7 +27,9 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(work: Path, slurm, demo_shards, samples: int, epochs: int, *extra) -> tuple[str, Path]:
+def submit(
+    work: Path, slurm, demo_shards, samples: int, epochs: int, *extra, experiment="demo_supervised"
+) -> tuple[str, Path]:
     override = {
         "model": {"init_args": {"backbone": {"init_args": {
             "embed_dim": 32, "depth": 2, "num_heads": 2}}}},
@@ -39,7 +47,7 @@ def submit(work: Path, slurm, demo_shards, samples: int, epochs: int, *extra) ->
     result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     job_id = result.stdout.strip().splitlines()[-1].split()[2].rstrip(";")
-    return job_id, work / "runs" / "demo_supervised" / "version_0"
+    return job_id, work / "runs" / experiment / "version_0"
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -73,8 +81,71 @@ def test_dry_run_writes_the_script_and_submits_nothing(tmp_path):
     assert "submitted job" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--nodes", "0", "--nodes must be >= 1, got 0"),
+        ("--nodes", "-2", "--nodes must be >= 1, got -2"),
+        ("--devices", "0", "--devices must be >= 1"),
+        ("--gpus-per-node", "-1", "--gpus-per-node must be >= 0"),
+        ("--cpus-per-task", "0", "--cpus-per-task must be >= 1"),
+        ("--time", "2days", "--time: '2days' is not a Slurm time"),
+        ("--time", "1:00:00:00", "is not a Slurm time"),
+        ("--mem", "lots", "--mem: 'lots' is not a Slurm mem"),
+        ("--mem", "400G\n#SBATCH --qos=high", "--mem: control character"),
+        ("--partition", "gpu\rx", "--partition: control character"),
+        ("--job-name", "a\x1bb", "--job-name: control character"),
+    ],
+)
+def test_bad_options_fail_in_one_line_naming_the_option_and_write_nothing(
+    option, value, message, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        submit_main(["--config", DEMO, option, value, "--dry-run"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_value_reaches_sbatch_and_the_shell_as_given(tmp_path, monkeypatch, capsys):
+    """Directives as sbatch splits them (quotes group, a backslash escapes the next character,
+    as in the shell's double quotes); the fit command as bash runs it, through a stub srun."""
+    monkeypatch.chdir(tmp_path)
+    odd = {"--partition": "gpu a", "--account": "lab's", "--qos": 'say "hi" \\ #1',
+           "--job-name": "my run", "--experiment": "exp $HOME"}  # fmt: skip
+    args = [arg for item in odd.items() for arg in item]
+    submit_main(["--config", DEMO, *args, "--time", "1-12", "--dry-run", "--x.y", "a b"])
+    capsys.readouterr()
+    run = tmp_path / "runs" / "exp $HOME" / "version_0"
+    script = (run / "submit.sbatch").read_text()
+    directives = [shlex.split(line[len("#SBATCH ") :]) for line in script.splitlines()
+                  if line.startswith("#SBATCH ")]  # fmt: skip
+    assert all(len(tokens) == 1 for tokens in directives), directives
+    given = dict(tokens[0].partition("=")[::2] for tokens in directives)
+    for option in ("--partition", "--account", "--qos", "--job-name"):
+        assert given[option] == odd[option]
+    assert given["--time"] == "1-12" and given["--output"] == f"{run.resolve()}/slurm-%j.out"
+
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {shlex.quote(str(tmp_path / "argv"))}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
+    subprocess.run(["bash", str(run / "submit.sbatch")], env=env, check=True, capture_output=True)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[:2] == ["lightning-registers", "fit"]
+    assert "--experiment=exp $HOME" in argv and argv[-2:] == ["--x.y", "a b"]
+    assert f"--trainer.default_root_dir={run.resolve()}" in argv
+
+
 def test_two_task_ddp_job_trains_and_leaves_events_and_checkpoint(tmp_path, slurm, demo_shards):
-    job_id, run = submit(tmp_path, slurm, demo_shards, samples=32, epochs=2)
+    # A name with a space: the job name and the log path are quoted in the #SBATCH lines.
+    job_id, run = submit(
+        tmp_path, slurm, demo_shards, 32, 2, "--experiment", "tiny ddp", experiment="tiny ddp"
+    )
+    assert "JobName=tiny ddp " in slurm.run("scontrol", "show", "job", job_id).stdout
     state = wait_for(
         lambda: (s := slurm.job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED") and s,
         300, f"job {job_id}",
