@@ -426,7 +426,8 @@ def test_a_fit_with_two_workers_logs_exact_skip_counts(tmp_path):
         train.append(tmp_path / f"train-{i}.tar")
         train[-1].write_bytes(tar(scenes("train", 6 * i, 6) + broken))
     val = [tmp_path / "val-good.tar", tmp_path / "val-bad.tar", tmp_path / "val-empty.tar"]
-    val[0].write_bytes(tar(scenes("val", 0, 3) + broken + scenes("val", 3, 3)))
+    labels = [("ten.png", png(10)), ("ten.cls", b"10"), ("minus.png", png(1)), ("minus.cls", b"-1")]
+    val[0].write_bytes(tar(scenes("val", 0, 3) + broken + labels + scenes("val", 3, 3)))
     val[1].write_bytes(tar([(f"bad-{i}.png", b"not an image") for i in range(3)]))
     val[2].write_bytes(b"")
     model = SupervisedModule(
@@ -462,8 +463,9 @@ def test_a_fit_with_two_workers_logs_exact_skip_counts(tmp_path):
         warnings.simplefilter("ignore")
         trainer.fit(model, data)
     metrics = trainer.callback_metrics
-    # Validation: 2 broken images, 3 more in a shard that yields nothing, a zero-byte shard.
-    assert metrics["data/skipped_val"].item() == 2 + 3 + 1
+    # Validation: 2 broken images, 2 labels the model has no class for (which would crash its
+    # accuracy), 3 broken images in a shard that yields nothing, a zero-byte shard.
+    assert metrics["data/skipped_val"].item() == 2 + 2 + 3 + 1
     assert (tmp_path / "failed-val.txt").read_text().count("\n") == 2 * (2 + 3)  # two epochs
     failed_train = (tmp_path / "failed-train.txt").read_text().split()
     assert set(failed_train) == {"broken-0", "broken-1"}
