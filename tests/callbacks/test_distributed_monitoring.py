@@ -15,6 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from lightning_registers.callbacks import probing
 from lightning_registers.cli import close_process_group
 from lightning_registers.measures import prefix_attention, token_norms
+from lightning_registers.measures.signature import probe_forward
 from lightning_registers.models import RegisterViT
 
 
@@ -37,6 +38,7 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
     with probing(model):
         norms = token_norms(model, images, [0, 1, 2])
         attention = prefix_attention(model, images)
+        redundancy = probe_forward(model, images, [1])["redundancy"]
     # After probing the parameters are sharded again and training mode is back.
     sharded = all(type(p).__name__ == "DTensor" for p in model.parameters())
     if rank == 0:
@@ -44,6 +46,7 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
             {
                 "norms": norms,
                 "attention": attention,
+                "redundancy": redundancy,
                 "sharded": sharded,
                 "training": model.training,
             },
@@ -62,10 +65,12 @@ def test_monitors_measure_an_fsdp2_sharded_backbone_like_the_whole_one(tmp_path)
     with torch.no_grad():
         norms = token_norms(reference, images, [0, 1, 2])
         attention = prefix_attention(reference, images)
+        redundancy = probe_forward(reference, images, [1])["redundancy"]
     for layer, kinds in norms.items():
         for kind, value in kinds.items():
             torch.testing.assert_close(got["norms"][layer][kind], value)
     torch.testing.assert_close(got["attention"], attention)
+    torch.testing.assert_close(got["redundancy"], redundancy)
 
 
 def test_ddp_run_logs_monitoring_once_from_rank_zero(tmp_path, demo_shards):
