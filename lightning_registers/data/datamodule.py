@@ -160,7 +160,7 @@ class ShardDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=default_collate,
+            collate_fn=getattr(dataset.transform, "collate", default_collate),
             pin_memory=self._pin_memory(),
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )

@@ -11,7 +11,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.cli import instantiate_module
 
-from ..models import RegisterViT, to_timm
+from ..models import RegisterViT, timm_config, timm_state_dict
 from .base import ObjectiveModule
 from .safe_load import read_checkpoint
 
@@ -88,14 +88,16 @@ def export_backbone(
     trusted: bool = False,
 ) -> Path:
     """Write the checkpoint's backbone to ``out`` as ``{"config", "state_dict", "layout",
-    "mean", "std"}``; ``RegisterViT(**config)`` rebuilds it (``layout="ours"``), or timm's
-    VisionTransformer loads the state dict (``layout="timm"``); images are normalized with
-    ``mean`` and ``std`` as in training."""
+    "mean", "std"}``; ``RegisterViT(**config)`` rebuilds it (``layout="ours"``), or the timm
+    VisionTransformer that ``build_timm_vit(exported["timm"])`` builds loads the state dict
+    (``layout="timm"``; ``timm`` holds its constructor arguments, ``no_embed_class`` among
+    them); images are normalized with ``mean`` and ``std`` as in training."""
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
     module = load_objective(checkpoint, trusted)
     backbone = exported_backbone(module, part)
-    state = backbone.state_dict() if layout == "ours" else to_timm(backbone.state_dict())
+    timm = timm_config(backbone) if layout == "timm" else None
+    state = backbone.state_dict() if timm is None else timm_state_dict(backbone, timm)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     exported = {
@@ -104,6 +106,7 @@ def export_backbone(
         "layout": layout,
         "mean": list(module.image_mean),
         "std": list(module.image_std),
+        **({"timm": timm} if timm else {}),
     }
     torch.save(exported, out)
     return out
