@@ -155,3 +155,32 @@ def test_model_ema_follows_each_optimizer_step_and_is_validated_on_its_own(demo_
     metrics = trainer.callback_metrics
     assert {"val/top1", "val/ema_top1", "val/ema_top5", "val/ema_loss"} <= set(metrics)
     assert metrics["val/ema_loss"] != metrics["val/loss"]
+
+
+def test_learning_rate_scaling_and_decay_rule_reach_the_optimizer(demo_shards):
+    """lr x global batch / 512 at the world size of the run (1 here, batches of 8); the decay
+    rule picks the groups."""
+    m = module(num_classes=10, lr=1e-3, lr_scaling="linear", no_decay_rule="dinov2")
+    dm = ShardDataModule(
+        str(demo_shards / "train" / "*.tar"),
+        str(demo_shards / "val" / "*.tar"),
+        batch_size=8,
+        num_workers=0,
+        samples_per_epoch=8,
+        image_size=32,
+        num_classes=10,
+    )
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(m, dm)
+    decay, no_decay = trainer.optimizers[0].param_groups
+    assert decay["initial_lr"] == pytest.approx(1e-3 * 8 / 512)
+    decayed = {id(p) for p in decay["params"]}
+    assert id(m.backbone.pos_embed) in decayed and id(m.backbone.cls_token) in decayed
+    assert id(m.backbone.norm.weight) not in decayed
