@@ -351,6 +351,13 @@ def submit_main(args: list[str]) -> None:
     submit(args)
 
 
+def curves_main(args: list[str]) -> None:
+    """``lightning-registers curves RUN_DIR... --out DIR`` (see ``analysis.curves``)."""
+    from .analysis.curves import curves_main as curves
+
+    curves(args)
+
+
 def close_process_group() -> None:
     """End a distributed run: close the process group and leave without running C++ static
     destructors, where gloo's threads otherwise abort the process now and then (SIGABRT, exit
@@ -368,6 +375,7 @@ COMMANDS = {
     "export": export_main,
     "analyze": analyze_main,
     "submit": submit_main,
+    "curves": curves_main,
 }
 
 
