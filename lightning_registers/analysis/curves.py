@@ -144,6 +144,11 @@ def rows(runs: list[RunCurves]) -> Iterator[dict]:
 
 
 def plot_curves(runs: list[RunCurves], path: Path, keys=DRAWN) -> Path:
+    """``curves_figure`` written to ``path``."""
+    return save_figure(curves_figure(runs, keys), path)
+
+
+def curves_figure(runs: list[RunCurves], keys=DRAWN):
     """A column per run and backbone, a row per scalar of ``keys``: a line per layer (deeper is
     yellower, the output black), dashed red at each emergence, dotted grey at each vanishing."""
     columns = [(run, backbone) for run in runs for backbone in run.layers]
@@ -204,7 +209,7 @@ def plot_curves(runs: list[RunCurves], path: Path, keys=DRAWN) -> Path:
             title="layer",
             title_fontsize=7,
         )
-    return save_figure(fig, path)
+    return fig
 
 
 @contextmanager

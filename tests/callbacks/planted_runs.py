@@ -21,6 +21,8 @@ from lightning_registers.objectives import SupervisedModule
 OBJECT_BOX = (24, 24, 40, 40)  # pixels: patch rows 3-4, columns 3-4
 OBJECT_PATCHES = (27, 28, 36)  # three patches of the object
 BACKGROUND_PATCHES = PLANTED  # their 3x3 neighbourhoods are all background
+SWITCH_STEP = 4  # the shared switched-on runs (conftest.py): planted tokens on after this step
+MAX_STEPS = 12
 
 
 def scene_samples(n: int, seed: int = 0):

@@ -9,7 +9,7 @@ import torch
 from analysis.planted import GRID
 from lightning.pytorch.callbacks import LambdaCallback
 from PIL import Image
-from planted_runs import artifact_backbone, fit, switched_on_at, write_scenes
+from planted_runs import fit
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.layers import DropPath
 
@@ -221,17 +221,15 @@ def test_planted_high_norm_tokens_are_read_back_from_the_event_files(tmp_path, d
     assert (norm_maps[0].height, norm_maps[0].width) == (3 * side + 2, 3 * side + 2)
 
 
-@pytest.mark.parametrize("on_background", [True, False], ids=["artifacts", "look_alikes"])
+@pytest.mark.parametrize("name", ["artifacts", "look_alikes"])
 def test_planted_tokens_switched_on_fire_the_event_only_with_the_artifact_signature(
-    tmp_path, on_background
+    switched_on_runs, name
 ):
     """Tokens planted from block 1 on the background fire the event two checks after they are
-    switched on; the same tokens from block 0 on the object never do."""
-    scenes = write_scenes(tmp_path / "scenes")
-    backbone = artifact_backbone(on_background)
-    callbacks = [switched_on_at(backbone, 4), *monitors()]
-    trainer = fit(tmp_path, scenes, scenes, backbone, callbacks, max_steps=12, image_size=64)
-    events = accumulator(trainer.log_dir)
+    switched on (after step 4); the same tokens from block 0 on the object never do."""
+    run = switched_on_runs[name]
+    on_background = name == "artifacts"
+    events = accumulator(run)
     share = events.Scalars("artifacts/backbone/output/high_norm_share_relative")
     assert [(s.step, s.value) for s in share] == [
         (step, pytest.approx(3 / GRID**2 if step >= 4 else 0.0)) for step in range(0, 13, 2)
@@ -244,7 +242,7 @@ def test_planted_tokens_switched_on_fire_the_event_only_with_the_artifact_signat
     attention = events.Scalars("artifacts/backbone/output/cls_attention_on_high_norm")
     assert all(0 < s.value < 1 for s in attention)
     present = [s.value for s in events.Scalars("artifacts/backbone/present")]
-    path = tmp_path / "run" / "version_0" / "artifact_events.jsonl"
+    path = run / "artifact_events.jsonl"
     if not on_background:
         assert present == [0] * 7 and not path.exists()
         return
