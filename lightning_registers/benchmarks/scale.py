@@ -76,7 +76,7 @@ def measure(mode: str, world: int, steps: int = 3, batch: int = 32) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
         mp.spawn(_worker, args=(world, _free_port(), mode, steps, batch, out), nprocs=world)
-        result = torch.load(out)
+        result = torch.load(out, weights_only=True)
     result["samples_per_s"] = world * batch * steps / result["seconds"]
     return result
 

@@ -1,5 +1,6 @@
-"""Objective checkpoints outside training: load a single-file or sharded (FSDP2) checkpoint into
-one process, and export its backbone for inference and analysis."""
+"""Objective checkpoints outside training: check that one is of a given objective, load a
+single-file or sharded (FSDP2) checkpoint into one process, and export its backbone for inference
+and analysis."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def export_backbone(
     "mean", "std"}``; ``RegisterViT(**config)`` rebuilds it (``layout="ours"``), or the timm
     VisionTransformer that ``build_timm_vit(exported["timm"])`` builds loads the state dict
     (``layout="timm"``; ``timm`` holds its constructor arguments, ``no_embed_class`` among
-    them); images are normalized with ``mean`` and ``std`` as in training."""
+    them); images are normalized with ``mean`` and ``std`` as in training. ``trusted``: as in
+    ``load_objective``."""
     if layout not in EXPORT_LAYOUTS:
         raise ValueError(f"layout must be one of {EXPORT_LAYOUTS}, got {layout!r}")
     module = load_objective(checkpoint, trusted)

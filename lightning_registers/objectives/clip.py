@@ -18,6 +18,7 @@ from ..data import ClipTransform
 from ..models import RegisterViT
 from .base import ObjectiveModule
 from .optim import NO_DECAY_RULES, check_choice
+from .safe_load import read_checkpoint
 
 LOSSES = ("clip", "siglip")
 ZEROSHOT_TEMPLATES = {"simple": SIMPLE_IMAGENET_TEMPLATES, "openai": OPENAI_IMAGENET_TEMPLATES}
@@ -134,7 +135,7 @@ class ClipModule(ObjectiveModule):
 
     def load_text_tower(self, path: str) -> None:
         """Initialize the text tower from an open_clip checkpoint file (strict)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
         state = checkpoint.get("state_dict", checkpoint)
         state = {k.removeprefix("module."): v for k, v in state.items()}
         own = self.text.state_dict()
