@@ -72,12 +72,15 @@ class ArtifactEmergence(Callback):
             raise ValueError(f"ArtifactEmergence.rule must be one of {RULES}, got {rule!r}")
         if patience < 1:
             raise ValueError(f"ArtifactEmergence.patience must be >= 1, got {patience}")
-        try:
-            self.signature = ArtifactSignature(
-                level, max_level, min_onset, min_background, min_redundancy_gap
+        if not 0 <= level < max_level <= 1:
+            raise ValueError(
+                f"ArtifactEmergence needs 0 <= level < max_level <= 1, got {level}, {max_level}"
             )
-        except ValueError as exn:
-            raise ValueError(f"ArtifactEmergence: {exn} (level, max_level, min_onset)") from None
+        if not 0 <= min_onset <= 1:
+            raise ValueError(f"ArtifactEmergence.min_onset must lie in [0, 1], got {min_onset}")
+        self.signature = ArtifactSignature(
+            level, max_level, min_onset, min_background, min_redundancy_gap
+        )
         self.level = level
         self.max_level = max_level
         self.patience = patience

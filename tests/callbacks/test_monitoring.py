@@ -332,3 +332,14 @@ def test_bad_monitor_settings_fail_before_training(tmp_path, demo_shards):
             tiny_backbone(),
             [TokenNormMonitor(), ArtifactEmergence(layer="block05")],
         )
+    with pytest.raises(ValueError, match="rule 'absolute' differs"):
+        fit_demo(
+            tmp_path,
+            demo_shards,
+            tiny_backbone(),
+            [TokenNormMonitor(), ArtifactEmergence(rule="absolute")],
+        )
+    with pytest.raises(ValueError, match="TokenNormMonitor.rule must be one of"):
+        TokenNormMonitor(rule="median")
+    with pytest.raises(ValueError, match="ArtifactEmergence needs 0 <= level < max_level"):
+        ArtifactEmergence(level=0.2, max_level=0.1)
