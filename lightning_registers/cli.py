@@ -26,7 +26,10 @@ from .objectives.checkpoint import check_training_checkpoint
 from .objectives.safe_load import UntrustedCheckpointError, read_checkpoint
 from .runs import RUNS_DIR, resume_checkpoint, run_version
 
-TRUST_HELP = "load a checkpoint that runs code while it loads: only one from a source you trust"
+TRUST_HELP = (
+    "also load a checkpoint that needs a full unpickler, which can run code: only one from a "
+    "source you trust"
+)
 
 
 def fail(message: str) -> NoReturn:
@@ -58,6 +61,7 @@ class RegistersCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes")
 
     def parse_arguments(self, parser, args) -> None:
+        # Checked here, before LightningCLI reads a checkpoint's hyperparameters into the config.
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:
@@ -110,8 +114,9 @@ def select_checkpoint(config) -> None:
     becomes the newest checkpoint that loads (see ``runs.resume_checkpoint``), or None (a new
     run) where no run has one; a local checkpoint must load with ``weights_only`` (True unless
     the user passes ``--weights_only false``) and be of the configured objective."""
-    if config.weights_only is None:
+    if config.get("weights_only", False) is None:
         config.weights_only = True  # Lightning leaves it to torch, which before 2.6 trusts all
+    trusted = config.get("weights_only") is False
     ckpt_path = str(config.ckpt_path or "")
     if ckpt_path in ("", "best", "hpc") or ckpt_path.lower().startswith("registry"):
         return  # nothing to check, or Lightning's keys for what it keeps track of itself
@@ -120,7 +125,7 @@ def select_checkpoint(config) -> None:
 
     def load(path) -> dict:
         try:
-            return read_checkpoint(path, trusted=not config.weights_only)
+            return read_checkpoint(path, trusted)
         except UntrustedCheckpointError as exn:
             raise UntrustedCheckpointError(exn.path, exn.reason, "--weights_only false") from None
 

@@ -69,7 +69,7 @@ def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
 
 def test_clip_trains_under_two_process_ddp(tmp_path, demo_shards):
     run = run_cli(tmp_path, demo_shards, "clip", "ddp", "--trainer.max_epochs=1")
-    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2  # 16 samples over 2 ranks of batch 4
     module = load_objective(run / "checkpoints" / "last.ckpt")
     with torch.no_grad():
@@ -97,17 +97,17 @@ def test_fsdp2_with_activation_checkpointing_saves_sharded_checkpoints_that_load
          "--out", str(exported)],
         check=True, capture_output=True,
     )  # fmt: skip
-    saved = torch.load(exported, weights_only=False)
+    saved = torch.load(exported, weights_only=True)
     backbone = RegisterViT(**saved["config"]).eval()
     backbone.load_state_dict(saved["state_dict"])
     with torch.no_grad():
         torch.testing.assert_close(backbone(probe_images()), recorded)
 
-    meta = torch.load(last / "meta.pt", weights_only=False)
+    meta = torch.load(last / "meta.pt", weights_only=True)
     assert meta["global_step"] == 4
     run_cli(
         tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=3", checkpointing,
         f"--ckpt_path={last}",
     )  # fmt: skip
-    resumed = torch.load(last / "meta.pt", weights_only=False)
+    resumed = torch.load(last / "meta.pt", weights_only=True)
     assert resumed["global_step"] == 6 and resumed["epoch"] == 2  # continued, not restarted

@@ -151,7 +151,7 @@ def test_two_task_ddp_job_trains_and_leaves_events_and_checkpoint(tmp_path, slur
         300, f"job {job_id}",
     )  # fmt: skip
     assert state == "COMPLETED", job_log(run)[-3000:]
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 8  # 2 epochs of 32 samples over 2 tasks of batch 4
     events = EventAccumulator(str(run), size_guidance={"scalars": 0})
     events.Reload()
@@ -173,7 +173,7 @@ def test_usr1_requeues_the_job_and_the_global_step_continues(tmp_path, slurm, de
     assert state == "COMPLETED", log[-3000:]
     assert "SIGUSR1" in log and "requeue signal: saving" in log  # at a step boundary
     assert not (run.parent / "version_1").exists()  # the same run directory
-    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3 * 50  # 3 epochs of 400 samples / (2 tasks x 4)
     # The requeued job writes a second event file into the same run; its steps go on.
     first, second = sorted(run.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
