@@ -3,9 +3,9 @@
 A pickle can name any Python callable and have it called while it loads, so a checkpoint from
 elsewhere could run code. ``torch.load(weights_only=True)`` admits tensors and plain data only,
 which is all our checkpoints and exports hold. A sharded (FSDP2) checkpoint is a directory that
-PyTorch's distributed checkpoint reads with a plain ``pickle.load`` (its ``.metadata``) and
-``torch.load(weights_only=False)`` (its non-tensor entries, such as optimizer settings), so both
-are checked here before anything else reads the directory.
+PyTorch's distributed checkpoint reads with a plain ``pickle.load`` (its ``.metadata``) and a
+``torch.load`` that admits any object (its non-tensor entries, such as optimizer settings), so
+both are checked here before anything else reads the directory.
 """
 
 from __future__ import annotations
