@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from demo_run import ROOT
-from test_cli import tiny_overrides
+from demo_run import ROOT, tiny_overrides
 
 from lightning_registers.analysis import load_backbone
 from lightning_registers.cli import lightning_main, main

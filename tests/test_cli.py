@@ -7,49 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from demo_run import ROOT, demo_data, write_yaml
+from demo_run import ROOT, tiny_overrides
 
 from lightning_registers.cli import lightning_main, main
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 OBJECTIVE_CONFIGS = [c for c in CONFIGS if c.parent.name not in ("trainer", "monitoring")]
 TRAINER_FRAGMENTS = [c for c in CONFIGS if c.parent.name == "trainer"]
-
-
-DINO_TINY = {
-    "local_crop_size": 16,
-    "num_local_crops": 2,
-    "n_prototypes": 32,
-    "ibot_n_prototypes": 32,
-    "head_hidden_dim": 32,
-    "head_bottleneck_dim": 16,
-    "ibot_bottleneck_dim": 16,
-    "knn_train_samples": 16,
-    "linear_probe_steps": 5,
-}
-
-
-def tiny_overrides(tmp_path, demo_shards, config_file: Path | None = None, **data) -> Path:
-    """A config that shrinks any objective config to a tiny model on the test demo shards."""
-    is_dino = config_file is not None and "DinoModule" in config_file.read_text()
-    config = {
-        "model": {
-            "init_args": {
-                **(DINO_TINY if is_dino else {}),
-                "backbone": {
-                    "init_args": {
-                        "arch": "vit_tiny",
-                        "embed_dim": 32,
-                        "depth": 1,
-                        "num_heads": 2,
-                        "patch_size": 8,
-                    }
-                },
-            }
-        },
-        "data": demo_data(demo_shards, num_classes=10, **data),
-    }
-    return write_yaml(tmp_path / "tiny.yaml", config)
 
 
 @pytest.mark.parametrize("config", OBJECTIVE_CONFIGS, ids=lambda p: p.stem)
