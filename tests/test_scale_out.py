@@ -1,5 +1,5 @@
 """DDP and FSDP2 across 2 gloo processes through the CLI; sharded checkpoints load, export and
-resume."""
+resume, in float32 and in bf16 mixed precision."""
 
 import os
 import subprocess
@@ -33,7 +33,7 @@ PER_OBJECTIVE = {
 }
 
 
-def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
+def run_cli(tmp_path, demo_shards, objective, strategy, *extra, precision="32-true"):
     """``lightning-registers fit`` of the demo config, shrunk, on 2 CPU processes."""
     override = {
         "trainer": {"callbacks": [
@@ -48,7 +48,7 @@ def run_cli(tmp_path, demo_shards, objective, strategy, *extra):
     command = [
         sys.executable, "-m", "lightning_registers.cli", "fit", *fragment,
         "--config", str(ROOT / f"configs/demo/{objective}.yaml"), "--config", str(path),
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
+        "--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.precision={precision}",
         "--trainer.enable_progress_bar=false", "--experiment=run", *extra,
     ]  # fmt: skip
     if strategy == "ddp":
@@ -77,14 +77,28 @@ def test_clip_trains_under_two_process_ddp(tmp_path, demo_shards):
     torch.testing.assert_close(output, torch.load(tmp_path / "out.pt")["output"])
 
 
-@pytest.mark.parametrize("objective", ["supervised", "clip", "dino"])
+def checkpoint_entries(directory) -> set[str]:
+    """Names in ``directory`` that are neither a checkpoint nor the directory a linked
+    (sharded) checkpoint points to: leftovers of a write."""
+    names = {p.name for p in directory.iterdir()}
+    linked = {os.readlink(p) for p in directory.iterdir() if p.is_symlink()}
+    return {n for n in names - linked if not n.endswith(".ckpt")}
+
+
+@pytest.mark.parametrize(
+    ("objective", "precision"),
+    [("supervised", "32-true"), ("clip", "bf16-mixed"), ("dino", "32-true")],
+)
 def test_fsdp2_with_activation_checkpointing_saves_sharded_checkpoints_that_load_and_resume(
-    objective, tmp_path, demo_shards
+    objective, precision, tmp_path, demo_shards
 ):
     checkpointing = "--model.init_args.backbone.init_args.grad_checkpointing=true"
-    run = run_cli(tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=2", checkpointing)
+    fit = (tmp_path, demo_shards, objective, "fsdp", checkpointing)
+    run = run_cli(*fit, "--trainer.max_epochs=2", precision=precision)
     last = run / "checkpoints" / "last.ckpt"
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard a rank
+    assert last.is_symlink()  # to the directory it was written in, published by one rename
+    assert len(list(last.parent.glob("best-*.ckpt"))) == 1  # validation gave the metric
     recorded = torch.load(tmp_path / "out.pt")["output"]
 
     module = load_objective(last)  # one process, no process group
@@ -105,9 +119,7 @@ def test_fsdp2_with_activation_checkpointing_saves_sharded_checkpoints_that_load
 
     meta = torch.load(last / "meta.pt", weights_only=True)
     assert meta["global_step"] == 4
-    run_cli(
-        tmp_path, demo_shards, objective, "fsdp", "--trainer.max_epochs=3", checkpointing,
-        f"--ckpt_path={last}",
-    )  # fmt: skip
+    run_cli(*fit, "--trainer.max_epochs=3", f"--ckpt_path={last}", precision=precision)
     resumed = torch.load(last / "meta.pt", weights_only=True)
     assert resumed["global_step"] == 6 and resumed["epoch"] == 2  # continued, not restarted
+    assert checkpoint_entries(last.parent) == set()  # replaced directories deleted

@@ -1,6 +1,6 @@
 """What every objective shares: the backbone in the hyperparameters, the optimizer with its
-warmup-cosine schedule, checkpointing of the objective's key metric, and the count of skipped
-samples."""
+warmup-cosine schedule, atomic checkpointing of the objective's key metric, and the count of
+skipped samples."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from ..data import skipped_in_batch
 from ..models import RegisterViT
 from ..models.vit import Block
+from .checkpoint_io import AtomicCheckpoints
 from .optim import build_optimizer, param_groups
 from .requeue import SlurmRequeue
 from .schedules import warmup_cosine_lr
@@ -72,8 +73,8 @@ class ObjectiveModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         """``last.ckpt`` plus the best by ``monitor`` (replacing the Trainer's default
-        checkpointing unless it is off), the learning rate when there is a logger, and the
-        Slurm requeue at a step boundary."""
+        checkpointing unless it is off), all written atomically, the learning rate when there is
+        a logger, and the Slurm requeue at a step boundary."""
         callbacks: list[Callback] = []
         if self.trainer.checkpoint_callback is not None:
             best = ModelCheckpoint(
@@ -87,7 +88,7 @@ class ObjectiveModule(L.LightningModule):
             callbacks += [best, latest]
         if self.trainer.loggers:
             callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(SlurmRequeue())
+        callbacks += [AtomicCheckpoints(), SlurmRequeue()]
         return callbacks
 
     def fsdp_units(self) -> list[nn.Module]:

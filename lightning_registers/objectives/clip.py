@@ -27,8 +27,9 @@ OpenAI's ImageNet evaluation that open_clip_train uses."""
 
 
 def retrieval_recall(image: torch.Tensor, text: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    """Image→text and text→image recall@k for paired, L2-normalized features (pair i ↔ i)."""
-    sims = image @ text.T
+    """Image→text and text→image recall@k for paired, L2-normalized features (pair i ↔ i),
+    computed in float32 (features may come from a bf16 forward)."""
+    sims = image.float() @ text.float().T
     target = torch.arange(len(image), device=image.device)
     out = {}
     for direction, scores in (("image_to_text", sims), ("text_to_image", sims.T)):
@@ -43,9 +44,10 @@ def zeroshot_accuracy(
     images: torch.Tensor, classifier: torch.Tensor, labels: torch.Tensor
 ) -> float:
     """Top-1 of normalized image features against a (dim, classes) zero-shot classifier, over
-    the samples with a label (label >= 0)."""
+    the samples with a label (label >= 0), computed in float32 (the image features come from
+    the validation forward, bf16 under mixed precision; the classifier from a float32 one)."""
     known = labels >= 0
-    predicted = (images[known] @ classifier).argmax(dim=-1)
+    predicted = (images[known].float() @ classifier.float()).argmax(dim=-1)
     return (predicted == labels[known]).float().mean().item()
 
 
