@@ -1,6 +1,8 @@
 """``lightning-registers submit``: render an sbatch script into a run directory and submit it.
 
-The script runs ``srun lightning-registers fit`` with one task per device, asks Slurm for
+The script runs ``srun lightning-registers fit`` on ``--nodes`` nodes with one task per device
+(``--ntasks-per-node``, and ``--cpus-per-task``, given to srun too: since Slurm 22.05 srun
+does not inherit it; a task that dies ends the others, ``--kill-on-bad-exit``), asks Slurm for
 SIGUSR1 90 s before the time limit and makes the job requeueable. On SIGUSR1 (from Slurm, or
 ``scancel --signal=USR1 --batch``, which the script forwards to the tasks) the tasks save a
 checkpoint into the run directory after the current training step and requeue the job
@@ -58,7 +60,10 @@ done
 echo "job $SLURM_JOB_ID, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname): ${{RESUME:-fit}}"
 # Forward the requeue signal to the tasks: they save a checkpoint after this step and requeue.
 trap 'echo "SIGUSR1: forwarding to the tasks"; kill -USR1 "$SRUN_PID" 2>/dev/null' USR1
-srun {fit} $RESUME &
+# One task per device on every node (srun does not inherit --cpus-per-task); if one task dies,
+# srun ends the others at once instead of leaving them blocked in a collective until its timeout.
+srun --nodes={nodes} --ntasks-per-node={tasks_per_node} --cpus-per-task={cpus_per_task} \\
+  --kill-on-bad-exit=1 {fit} $RESUME &
 SRUN_PID=$!
 while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
 wait "$SRUN_PID"

@@ -76,7 +76,8 @@ def test_dry_run_writes_the_script_and_submits_nothing(tmp_path):
                  "--requeue", "--time=1-00:00:00", "--partition=gpu", "--account=vision",
                  "--qos=high", "--mem=400G"):  # fmt: skip
         assert f"#SBATCH {line}" in script, line
-    assert "srun lightning-registers fit" in script
+    srun = "srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=8 \\\n  --kill-on-bad-exit=1 "
+    assert f"{srun}lightning-registers fit" in script
     assert "--trainer.devices=8 --trainer.max_epochs 5" in script and "--version=0" in script
     assert "submitted job" not in result.stdout
 
@@ -135,7 +136,8 @@ def test_every_value_reaches_sbatch_and_the_shell_as_given(tmp_path, monkeypatch
     env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "SLURM_JOB_ID": "7"}
     subprocess.run(["bash", str(run / "submit.sbatch")], env=env, check=True, capture_output=True)
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[:2] == ["lightning-registers", "fit"]
+    srun_options = ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=8", "--kill-on-bad-exit=1"]
+    assert argv[:6] == [*srun_options, "lightning-registers", "fit"]
     assert "--experiment=exp $HOME" in argv and argv[-2:] == ["--x.y", "a b"]
     assert f"--trainer.default_root_dir={run.resolve()}" in argv
 
@@ -145,7 +147,7 @@ def test_two_task_ddp_job_trains_and_leaves_events_and_checkpoint(tmp_path, slur
     job_id, run = submit(
         tmp_path, slurm, demo_shards, 32, 2, "--experiment", "tiny ddp", experiment="tiny ddp"
     )
-    assert "JobName=tiny ddp " in slurm.run("scontrol", "show", "job", job_id).stdout
+    assert "JobName=tiny ddp\n" in slurm.run("scontrol", "show", "job", job_id).stdout
     state = wait_for(
         lambda: (s := slurm.job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED") and s,
         300, f"job {job_id}",
@@ -164,7 +166,8 @@ def test_usr1_requeues_the_job_and_the_global_step_continues(tmp_path, slurm, de
     wait_for(lambda: slurm.job_state(job_id) == "RUNNING", 120, "the job to run")
     wait_for(lambda: (run / "checkpoints" / "last.ckpt").exists(), 240, "the first epoch")
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    wait_for(lambda: "restart 1" in job_log(run), 300, "the requeued job to start")
+    slurm.release_requeued(job_id)
+    wait_for(lambda: "restart 1" in job_log(run), 120, "the requeued job to start")
     state = wait_for(
         lambda: (s := slurm.job_state(job_id)) in ("COMPLETED", "FAILED", "CANCELLED") and s,
         400, f"job {job_id} to finish",
