@@ -32,7 +32,7 @@ def model_summary(result: dict, loaded, images) -> dict:
     probes = result["probes"]
     summary = {
         "checkpoint": loaded.name,
-        "backbone": dict(loaded.model.config),
+        "backbone": loaded.model.config.as_kwargs(),
         "images": {"count": len(images), "image_size": images.images.shape[-1]},
         "norms": result["norm_summary"],
         "neighbour_similarity": {

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..measures.norms import OutlierRule, layer_name, token_norms
+from ..models import ViTConfig
 from .tokens import batches, device_of
 
 VALUE_RULES = ("neuron_max", "sign_max")
@@ -64,9 +65,9 @@ FAMILIES = {
 }
 
 
-def model_family(config: dict) -> FamilyConfig | None:
+def model_family(config: ViTConfig) -> FamilyConfig | None:
     """The reference settings of a backbone's family (from its ``config``), or None."""
-    key = (config["embed_dim"], config["depth"], config["patch_size"], config["pre_norm"])
+    key = (config.embed_dim, config.depth, config.patch_size, config.pre_norm)
     return FAMILIES.get(key)
 
 
@@ -184,8 +185,7 @@ def add_test_time_register(
     zero = torch.zeros(1, 1, model.embed_dim, dtype=model.cls_token.dtype)
     tokens = zero if old is None else torch.cat([old.data, zero], dim=1)
     model.register_tokens = nn.Parameter(tokens, requires_grad=False)
-    model.num_registers += 1
-    model.config = dict(model.config, num_registers=model.num_registers)
+    model.config = model.config.replace(num_registers=model.num_registers + 1)
     model.test_time_neurons = list(neurons)
     model.test_time_values = values
 

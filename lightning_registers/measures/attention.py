@@ -26,15 +26,11 @@ def with_prefix_attention(
     """Run ``forward`` (a forward of ``backbone`` on ``images``) with the last block keeping its
     attention weights: its result and the ``prefix_attention`` of that forward. One forward
     serves any other measure taken in it (hooks), and it is the backbone's own (FSDP2-safe)."""
-    attn = backbone.blocks[-1].attn
-    attn.keep_attention = True
-    try:
+    with backbone.capture_attention() as captured:
         result = forward()
-        attention = attn.attention.float()
-    finally:
-        attn.keep_attention, attn.attention = False, None
+    attention = captured[backbone.depth - 1].float()
     r = backbone.num_prefix_tokens
-    grid_size = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
+    grid_size = backbone.patch_grid(images)
     return result, attention[:, :, :r, r:].reshape(*attention.shape[:2], r, *grid_size)
 
 

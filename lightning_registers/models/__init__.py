@@ -1,5 +1,6 @@
 """The register-ViT backbone, its heads and checkpoint conversion."""
 
+from .config import ARCHS, ViTConfig, patch_grid
 from .convert import (
     LAYOUTS,
     CheckpointMismatchError,
@@ -15,13 +16,14 @@ from .convert import (
     to_timm,
     unwrap_state_dict,
 )
-from .vit import ARCHS, RegisterViT
+from .vit import RegisterViT
 
 __all__ = [
     "ARCHS",
     "LAYOUTS",
     "CheckpointMismatchError",
     "RegisterViT",
+    "ViTConfig",
     "build_timm_vit",
     "convert_state_dict",
     "create_timm_model",
@@ -29,6 +31,7 @@ __all__ = [
     "from_open_clip",
     "from_timm",
     "load_pretrained",
+    "patch_grid",
     "timm_config",
     "timm_state_dict",
     "to_timm",

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .pos_embed import resample_patch_pos_embed
 from .vit import RegisterViT
 
 LAYOUTS = ("ours", "dinov2", "timm", "open_clip")
@@ -190,9 +190,7 @@ def resample_pos_embed(
         raise ValueError(f"pos_embed of {pos_embed.shape[1] - 1} patches is not a square grid")
     if (side, side) == tuple(grid):
         return pos_embed
-    patch = pos_embed[:, 1:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch, size=tuple(grid), mode="bicubic", antialias=antialias)
-    patch = patch.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1]).to(pos_embed.dtype)
+    patch = resample_patch_pos_embed(pos_embed[:, 1:], (side, side), grid, antialias)
     return torch.cat([pos_embed[:, :1], patch], dim=1)
 
 
@@ -224,7 +222,7 @@ def load_pretrained(
     _match_patch_bias(sd, "patch_embed.proj.bias" in own)
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         sd["pos_embed"] = resample_pos_embed(
-            sd["pos_embed"], model.grid_size, model.interpolate_antialias
+            sd["pos_embed"], model.grid_size, model.config.interpolate_antialias
         )
     missing = sorted(k for k in own if k not in sd and k != "mask_token")
     unexpected = sorted(k for k in sd if k not in own)
@@ -252,31 +250,32 @@ def timm_config(model: RegisterViT, no_embed_class: bool | None = None) -> dict:
     ``no_embed_class`` (whether timm's position embedding covers only the patches) defaults to
     True with registers (as timm's DINOv2 models) and False without (as timm's classic ViTs).
     """
+    config = model.config
     if no_embed_class is None:
-        no_embed_class = model.num_registers > 0
-    if model.ffn == "swiglu":
-        mlp_ratio = model.blocks[0].mlp.fc1.out_features / model.embed_dim
+        no_embed_class = config.num_registers > 0
+    if config.ffn == "swiglu":
+        mlp_ratio = model.blocks[0].mlp.fc1.out_features / config.embed_dim
     else:
-        mlp_ratio = model.mlp_ratio
+        mlp_ratio = config.mlp_ratio
     return dict(
-        img_size=list(model.img_size),
-        patch_size=model.patch_size,
-        in_chans=model.patch_embed.proj.in_channels,
+        img_size=list(config.img_size),
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
         num_classes=0,
-        embed_dim=model.embed_dim,
-        depth=model.depth,
-        num_heads=model.num_heads,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
         mlp_ratio=mlp_ratio,
-        qkv_bias=model.qkv_bias,
-        init_values=model.layerscale_init,
+        qkv_bias=config.qkv_bias,
+        init_values=config.layerscale_init,
         class_token=True,
-        reg_tokens=model.num_registers,
+        reg_tokens=config.num_registers,
         no_embed_class=no_embed_class,
-        pre_norm=model.config["pre_norm"],
+        pre_norm=config.pre_norm,
         global_pool="token",
         dynamic_img_size=True,
-        norm_eps=model.norm_eps,
-        ffn=model.ffn,
+        norm_eps=config.norm_eps,
+        ffn=config.ffn,
     )
 
 

@@ -8,7 +8,8 @@ method names follow DINOv2 so that its users feel at home; the layers come from 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -17,14 +18,8 @@ from timm.layers import DropPath, GluMlp, LayerScale, Mlp, PatchEmbed, trunc_nor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-ARCHS: dict[str, dict] = {
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3, ffn="mlp"),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, ffn="mlp"),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, ffn="mlp"),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, ffn="mlp"),
-    "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu"),
-}
-FFN_TYPES = ("mlp", "swiglu")
+from .config import ViTConfig, patch_grid
+from .pos_embed import resample_patch_pos_embed
 
 
 def swiglu_hidden_features(embed_dim: int, mlp_ratio: float) -> int:
@@ -40,30 +35,25 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.keep_attention = False
-        """When set, every forward computes explicit weights and keeps them in ``attention``
-        (monitoring through the model's own forward, e.g. under FSDP2)."""
+        """When set, each forward computes explicit weights and keeps them in ``attention``
+        (``RegisterViT.capture_attention`` sets it; the model's own forward runs, so FSDP2
+        gathers parameters as in training)."""
         self.attention: torch.Tensor | None = None
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, return_attention: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        if return_attention or self.keep_attention:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = attn @ v
-            if self.keep_attention:
-                self.attention = attn
+        if self.keep_attention:
+            self.attention = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = self.attention @ v
         else:
-            attn = None
             x = F.scaled_dot_product_attention(q, k, v)
-        x = self.proj(x.transpose(1, 2).reshape(B, T, C))
-        return x, attn
+        return self.proj(x.transpose(1, 2).reshape(B, T, C))
 
 
 class Block(nn.Module):
@@ -95,15 +85,8 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_attention(x, return_attention=False)[0]
-
-    def forward_with_attention(
-        self, x: torch.Tensor, return_attention: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        y, attn = self.attn(self.norm1(x), return_attention=return_attention)
-        x = x + self.drop_path1(self.ls1(y))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class RegisterViT(nn.Module):
@@ -158,22 +141,9 @@ class RegisterViT(nn.Module):
         grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {arch!r}")
-        spec = ARCHS[arch]
-        embed_dim = embed_dim or spec["embed_dim"]
-        depth = depth or spec["depth"]
-        num_heads = num_heads or spec["num_heads"]
-        ffn = ffn or spec["ffn"]
-        if ffn not in FFN_TYPES:
-            raise ValueError(f"ffn must be one of {FFN_TYPES}, got {ffn!r}")
-        if num_registers < 0:
-            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        self._check_divisible(img_size, patch_size)
-        self.config = dict(
+        self.config = ViTConfig.resolve(
             arch=arch,
-            img_size=img_size[0] if img_size[0] == img_size[1] else list(img_size),
+            img_size=img_size,
             patch_size=patch_size,
             num_registers=num_registers,
             embed_dim=embed_dim,
@@ -193,53 +163,72 @@ class RegisterViT(nn.Module):
             interpolate_offset=interpolate_offset,
             grad_checkpointing=grad_checkpointing,
         )
-        """The resolved constructor arguments: ``RegisterViT(**config)`` rebuilds the model."""
-
-        self.arch = arch
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.num_registers = num_registers
-        self.embed_dim = embed_dim
-        self.depth = depth
-        self.num_heads = num_heads
-        self.ffn = ffn
-        self.mlp_ratio = mlp_ratio
-        self.norm_eps = norm_eps
-        self.qkv_bias = qkv_bias
-        self.layerscale_init = layerscale_init
-        self.interpolate_antialias = interpolate_antialias
-        self.interpolate_offset = interpolate_offset
-        self.grad_checkpointing = grad_checkpointing
-
+        """The resolved architecture: ``RegisterViT.from_config(config)`` rebuilds the model."""
+        c = self.config
         self.patch_embed = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dim, bias=patch_bias, strict_img_size=False
+            c.img_size,
+            c.patch_size,
+            c.in_chans,
+            c.embed_dim,
+            bias=c.patch_bias,
+            strict_img_size=False,
         )
         self.grid_size = self.patch_embed.grid_size
         num_patches = self.grid_size[0] * self.grid_size[1]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim))
         self.register_tokens = (
-            nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+            nn.Parameter(torch.zeros(1, c.num_registers, c.embed_dim)) if c.num_registers else None
         )
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
-        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, c.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, c.embed_dim))
+        self.norm_pre = nn.LayerNorm(c.embed_dim, eps=c.norm_eps) if c.pre_norm else nn.Identity()
         block = partial(
             Block,
-            embed_dim,
-            num_heads,
-            mlp_ratio=mlp_ratio,
-            ffn=ffn,
-            qkv_bias=qkv_bias,
-            layerscale_init=layerscale_init,
-            norm_eps=norm_eps,
+            c.embed_dim,
+            c.num_heads,
+            mlp_ratio=c.mlp_ratio,
+            ffn=c.ffn,
+            qkv_bias=c.qkv_bias,
+            layerscale_init=c.layerscale_init,
+            norm_eps=c.norm_eps,
         )
-        if drop_path_uniform:
-            rates = [drop_path_rate] * depth
+        if c.drop_path_uniform:
+            rates = [c.drop_path_rate] * c.depth
         else:
-            rates = torch.linspace(0, drop_path_rate, depth).tolist()
+            rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
         self.blocks = nn.ModuleList(block(drop_path=rate) for rate in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
         self.init_weights()
+
+    @classmethod
+    def from_config(cls, config: ViTConfig) -> RegisterViT:
+        """The model of ``config`` (fresh weights)."""
+        return cls(**config.as_kwargs())
+
+    # The sizes every caller reads, under DINOv2's names; the rest is in ``config``.
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    @property
+    def num_registers(self) -> int:
+        return self.config.num_registers
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.config.img_size
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -271,45 +260,46 @@ class RegisterViT(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Switch per-block activation checkpointing on or off."""
-        self.grad_checkpointing = enable
+        self.config = self.config.replace(grad_checkpointing=enable)
 
-    @staticmethod
-    def _check_divisible(size: Sequence[int], patch_size: int) -> None:
-        if size[0] % patch_size or size[1] % patch_size:
-            raise ValueError(
-                f"image size {size[0]}x{size[1]} is not divisible by patch size {patch_size}"
-            )
+    def patch_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patches along the height and the width of ``images`` (..., H, W)."""
+        return patch_grid(tuple(images.shape[-2:]), self.patch_size)
+
+    def layer_of(self, name: str) -> int:
+        """The layer of parameter ``name`` (as ``named_parameters`` names it), as layer-wise
+        lr decay counts them: the embeddings 0, block i i + 1, the rest (final norm) the top,
+        ``depth + 1``."""
+        embeddings = ("patch_embed", "pos_embed", "cls_token", "mask_token", "register_tokens")
+        if name.split(".")[0] in embeddings:
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+    def shard_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (the transformer blocks)."""
+        return list(self.blocks)
 
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position embedding for a ``grid`` of patches; [CLS]'s entry is kept as it is."""
-        if tuple(grid) == tuple(self.grid_size) and self.interpolate_offset == 0:
+        c = self.config
+        if tuple(grid) == tuple(self.grid_size) and c.interpolate_offset == 0:
             return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        h0, w0 = self.grid_size
-        dim = patch_pos.shape[-1]
-        patch_pos = patch_pos.float().reshape(1, h0, w0, dim).permute(0, 3, 1, 2)
-        if self.interpolate_offset:
-            scale = (
-                (grid[0] + self.interpolate_offset) / h0,
-                (grid[1] + self.interpolate_offset) / w0,
-            )
-            resize = dict(scale_factor=scale)
-        else:
-            resize = dict(size=tuple(grid))
-        patch_pos = F.interpolate(
-            patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **resize
+        patch_pos = resample_patch_pos_embed(
+            self.pos_embed[:, 1:],
+            self.grid_size,
+            grid,
+            c.interpolate_antialias,
+            c.interpolate_offset,
         )
-        if tuple(patch_pos.shape[-2:]) != tuple(grid):
-            raise RuntimeError(f"interpolated grid {patch_pos.shape[-2:]} is not {grid}")
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(cls_pos.dtype)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return torch.cat([self.pos_embed[:, :1], patch_pos], dim=1)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Patchify, replace masked patches by the mask token, add positions, insert registers."""
         if x.ndim != 4:
             raise ValueError(f"expected images of shape (B, C, H, W), got {tuple(x.shape)}")
-        self._check_divisible(x.shape[-2:], self.patch_size)
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        grid = self.patch_grid(x)
         x = self.patch_embed(x)
         if masks is not None:
             if masks.shape != x.shape[:2]:
@@ -326,7 +316,7 @@ class RegisterViT(nn.Module):
         return self.norm_pre(x)
 
     def _run_block(self, block: Block, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        if self.config.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, use_reentrant=False)
         return block(x)
 
@@ -381,7 +371,7 @@ class RegisterViT(nn.Module):
         norm: bool = True,
     ) -> tuple:
         """Patch tokens of the last ``n`` blocks (or the blocks listed), as DINOv2 returns them."""
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        grid = self.patch_grid(x)
         outputs = self.get_block_outputs(x, n)
         if norm:
             outputs = [self.norm(out) for out in outputs]
@@ -393,23 +383,49 @@ class RegisterViT(nn.Module):
             return tuple(zip(patches, class_tokens, strict=True))
         return tuple(patches)
 
+    @contextmanager
+    def capture_attention(self, blocks: Sequence[int] = (-1,)) -> Iterator[dict[int, torch.Tensor]]:
+        """While open, each forward of the model keeps the softmax attention weights
+        (B, heads, T, T) of the listed blocks (negative from the end) in the yielded dict, by
+        block index. The one way to read attention: the model's own forward runs, so FSDP2
+        gathers parameters as in training, and training pays nothing outside it."""
+        captured: dict[int, torch.Tensor] = {}
+        attentions = {i: self.blocks[i].attn for i in self._block_indices(blocks)}
+
+        def keep(index: int):
+            def hook(module, args, output):
+                captured[index] = module.attention
+                module.attention = None
+
+            return hook
+
+        handles = [attn.register_forward_hook(keep(i)) for i, attn in attentions.items()]
+        for attn in attentions.values():
+            attn.keep_attention = True
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+            for attn in attentions.values():
+                attn.keep_attention, attn.attention = False, None
+
     def get_last_self_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights of the last block, (B, heads, T, T)."""
-        x = self.prepare_tokens(x)
-        for block in self.blocks[:-1]:
-            x = block(x)
-        return self.blocks[-1].forward_with_attention(x)[1]
+        with self.capture_attention() as attention:
+            self(x)
+        return attention[self.depth - 1]
 
     def flops_per_image(self, img_size: tuple[int, int] | None = None) -> int:
         """Forward multiply-accumulates times two for one image (matmuls only)."""
-        h, w = img_size or self.img_size
-        tokens = self.num_prefix_tokens + (h // self.patch_size) * (w // self.patch_size)
-        d = self.embed_dim
-        if self.ffn == "swiglu":
-            ffn = 3 * d * swiglu_hidden_features(d, self.mlp_ratio)
+        c = self.config
+        h, w = patch_grid(img_size or c.img_size, c.patch_size)
+        tokens = self.num_prefix_tokens + h * w
+        d = c.embed_dim
+        if c.ffn == "swiglu":
+            ffn = 3 * d * swiglu_hidden_features(d, c.mlp_ratio)
         else:
-            ffn = 2 * d * int(d * self.mlp_ratio)
+            ffn = 2 * d * int(d * c.mlp_ratio)
         per_block = tokens * (4 * d * d + ffn) + 2 * tokens * tokens * d
-        pixels = self.patch_embed.proj.in_channels * self.patch_size**2
-        patchify = (h // self.patch_size) * (w // self.patch_size) * d * pixels
-        return 2 * (self.depth * per_block + patchify)
+        patchify = h * w * d * c.in_chans * c.patch_size**2
+        return 2 * (c.depth * per_block + patchify)

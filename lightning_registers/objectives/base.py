@@ -24,7 +24,7 @@ from ..data import skipped_in_batch
 from ..models import RegisterViT
 from ..models.vit import Block
 from .checkpoint_io import AtomicCheckpoints
-from .optim import build_optimizer, param_groups
+from .optim import build_optimizer, param_groups, peak_lr
 from .requeue import SlurmRequeue
 from .schedules import warmup_cosine_lr
 
@@ -54,7 +54,7 @@ class ObjectiveModule(L.LightningModule):
                 raise ValueError(f"{key} must be >= 0, got {self.hparams[key]}")
         self.hparams["backbone"] = {
             "class_path": f"{RegisterViT.__module__}.{RegisterViT.__name__}",
-            "init_args": dict(backbone.config),
+            "init_args": backbone.config.as_kwargs(),
         }
         self.hparams.setdefault("_instantiator", _INSTANTIATOR)
         if not self.uses_mask_token:
@@ -123,9 +123,9 @@ class ObjectiveModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = build_optimizer(
-            hp.optimizer, param_groups(self, hp.weight_decay), hp.lr, tuple(hp.betas), hp.eps
-        )
+        groups = param_groups(self, hp.weight_decay, hp.get("no_decay_rule", "tokens"))
+        lr = peak_lr(hp, self.trainer)
+        optimizer = build_optimizer(hp.optimizer, groups, lr, tuple(hp.betas), hp.eps)
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError("the schedule needs a finite run: set trainer.max_epochs or max_steps")

@@ -103,7 +103,7 @@ def export_backbone(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     exported = {
-        "config": dict(backbone.config),
+        "config": backbone.config.as_kwargs(),
         "state_dict": state,
         "layout": layout,
         "mean": list(module.image_mean),

@@ -156,7 +156,7 @@ class DinoModule(ObjectiveModule):
         )
         self.dino_head = DINOHead(backbone.embed_dim, **dino)
         self.ibot_head = DINOHead(backbone.embed_dim, **ibot) if ibot_separate_head else None
-        teacher_backbone = RegisterViT(**{**backbone.config, "drop_path_rate": 0.0})
+        teacher_backbone = RegisterViT.from_config(backbone.config.replace(drop_path_rate=0.0))
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone})
         self.teacher["dino_head"] = DINOHead(backbone.embed_dim, **dino)
         if self.ibot_head is not None:

@@ -17,7 +17,7 @@ SCENES = 40
 
 
 def save_backbone(model, path):
-    torch.save({"config": dict(model.config), "state_dict": model.state_dict()}, path)
+    torch.save({"config": model.config.as_kwargs(), "state_dict": model.state_dict()}, path)
     return path
 
 

@@ -72,8 +72,8 @@ def test_dinov2_hub_and_training_checkpoints_load_with_the_hubs_interpolation(tm
     x = torch.randn(2, 3, 70, 84)  # another size: position embeddings are interpolated
     for file in ("dinov2_vits14.pth", "teacher_checkpoint.pth"):
         model = load_backbone(tmp_path / file, "dinov2").model
-        assert (model.interpolate_antialias, model.interpolate_offset) == (False, 0.1)
-        assert model.num_heads == 6 and model.layerscale_init is not None
+        assert (model.config.interpolate_antialias, model.config.interpolate_offset) == (False, 0.1)
+        assert model.num_heads == 6 and model.config.layerscale_init is not None
         torch.testing.assert_close(patch_tokens(model, x), patch_tokens(source, x))
 
 

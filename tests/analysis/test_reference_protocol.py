@@ -33,7 +33,7 @@ from lightning_registers.analysis import (
     sign_max,
 )
 from lightning_registers.measures.norms import token_norms
-from lightning_registers.models import RegisterViT
+from lightning_registers.models import RegisterViT, ViTConfig
 
 # ---------------------------------------------------------------------------------------------
 # The reference rules, restated.
@@ -136,7 +136,7 @@ def reference_test_time_register(model, neurons, image, values="sign_max"):
     zero = torch.zeros(1, 1, ref.embed_dim)
     old = ref.register_tokens
     ref.register_tokens = nn.Parameter(zero if old is None else torch.cat([old.data, zero], 1))
-    ref.num_registers += 1
+    ref.config = ref.config.replace(num_registers=ref.num_registers + 1)
     written = {}
 
     def hook(module, inputs, output, block, indices):
@@ -382,7 +382,14 @@ def test_layer_cap_keeps_neurons_of_the_blocks_up_to_it():
 
 def test_register_neuron_search_by_model_family():
     def backbone(embed_dim, depth, patch_size, pre_norm):
-        config = dict(embed_dim=embed_dim, depth=depth, patch_size=patch_size, pre_norm=pre_norm)
+        config = ViTConfig.resolve(
+            arch="vit_base",
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=8,
+            patch_size=patch_size,
+            pre_norm=pre_norm,
+        )
         return SimpleNamespace(config=config, depth=depth)
 
     reference = AnalysisSettings(protocol="reference")

@@ -52,23 +52,29 @@ def test_non_square_input_interpolates_position_embedding():
     torch.testing.assert_close(pos[:, 0], model.pos_embed[:, 0])
 
 
-def test_explicit_attention_is_a_softmax_and_matches_sdpa_block_output():
+def test_captured_attention_is_a_softmax_and_the_output_matches_sdpa():
     model = tiny(layerscale_init=0.1).eval()
-    x = model.prepare_tokens(torch.randn(2, 3, 32, 32))
-    block = model.blocks[0]
-    out_explicit, attn = block.forward_with_attention(x)
-    assert attn.shape == (2, 3, 21, 21)
-    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 21))
-    assert (attn >= 0).all()
-    torch.testing.assert_close(out_explicit, block(x), atol=1e-5, rtol=1e-5)
-    last = model.get_last_self_attention(torch.randn(2, 3, 32, 32))
-    assert last.shape == (2, 3, 21, 21)
+    images = torch.randn(2, 3, 32, 32)
+    plain = model(images)
+    with model.capture_attention([0, -1]) as attention:
+        explicit = model(images)
+    assert sorted(attention) == [0, model.depth - 1]
+    for attn in attention.values():
+        assert attn.shape == (2, 3, 21, 21)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 21))
+        assert (attn >= 0).all()
+    torch.testing.assert_close(explicit, plain, atol=1e-5, rtol=1e-5)
+    last = model.get_last_self_attention(images)
+    torch.testing.assert_close(last, attention[model.depth - 1])
 
 
 def test_training_pays_nothing_for_attention_weights():
     model = tiny()
-    _, attn = model.blocks[0].attn(torch.randn(1, 5, 192))
-    assert attn is None
+    with model.capture_attention():
+        pass
+    assert not any(block.attn.keep_attention for block in model.blocks)
+    model(torch.randn(1, 3, 32, 32))
+    assert all(block.attn.attention is None for block in model.blocks)
 
 
 def test_masks_replace_exactly_the_masked_patch_embeddings():

@@ -276,8 +276,8 @@ def test_teacher_starts_as_the_student_without_stochastic_depth():
     teacher = module.teacher.state_dict()
     assert student.keys() == teacher.keys()
     assert all(torch.equal(student[k], teacher[k]) for k in student)
-    assert module.teacher["backbone"].config["drop_path_rate"] == 0
-    assert module.backbone.config["drop_path_rate"] == 0.1
+    assert module.teacher["backbone"].config.drop_path_rate == 0
+    assert module.backbone.config.drop_path_rate == 0.1
 
 
 def test_a_short_fit_updates_the_teacher_freezes_prototypes_and_reports_knn(tmp_path, demo_shards):
