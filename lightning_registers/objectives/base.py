@@ -15,18 +15,16 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
-from open_clip.transformer import ResidualAttentionBlock
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..data import skipped_in_batch
 from ..models import RegisterViT
-from ..models.vit import Block
 from .checkpoint_io import AtomicCheckpoints
 from .optim import build_optimizer, param_groups, peak_lr
 from .requeue import SlurmRequeue
-from .schedules import warmup_cosine_lr
+from .schedules import run_length, warmup_cosine_lr
 
 # Lets ``load_from_checkpoint`` rebuild the backbone from its saved config (class_path form).
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
@@ -91,11 +89,17 @@ class ObjectiveModule(L.LightningModule):
         callbacks += [AtomicCheckpoints(), SlurmRequeue()]
         return callbacks
 
+    def tower_blocks(self) -> list[nn.Module]:
+        """The transformer blocks of every tower, as each model names them (``shard_units``);
+        an objective with a tower of another kind adds its blocks."""
+        backbones = [m for m in self.modules() if isinstance(m, RegisterViT)]
+        return [block for backbone in backbones for block in backbone.shard_units()]
+
     def fsdp_units(self) -> list[nn.Module]:
-        """Modules FSDP2 shards one by one, inner before outer: every transformer block, then
-        every child module the objective calls (parameters are gathered when a unit's forward
-        runs, so objectives call these modules rather than their other methods)."""
-        units = [m for m in self.modules() if isinstance(m, Block | ResidualAttentionBlock)]
+        """Modules FSDP2 shards one by one, inner before outer: every tower block, then every
+        child module the objective calls (parameters are gathered when a unit's forward runs,
+        so objectives call these modules rather than their other methods)."""
+        units = self.tower_blocks()
         for child in self.children():
             parts = child.values() if isinstance(child, nn.ModuleDict) else [child]
             units += [m for m in parts if any(True for _ in m.parameters())]
@@ -126,12 +130,8 @@ class ObjectiveModule(L.LightningModule):
         groups = param_groups(self, hp.weight_decay, hp.get("no_decay_rule", "tokens"))
         lr = peak_lr(hp, self.trainer)
         optimizer = build_optimizer(hp.optimizer, groups, lr, tuple(hp.betas), hp.eps)
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise ValueError("the schedule needs a finite run: set trainer.max_epochs or max_steps")
-        total = int(total)
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else 1
-        warmup = int(hp.warmup_epochs * total / max(epochs, 1))
+        total, steps_per_epoch = run_length(self.trainer)
+        warmup = int(hp.warmup_epochs * steps_per_epoch)
         scheduler = warmup_cosine_lr(optimizer, total, warmup, hp.min_lr_ratio)
         return {
             "optimizer": optimizer,

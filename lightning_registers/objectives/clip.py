@@ -150,6 +150,10 @@ class ClipModule(ObjectiveModule):
     def no_weight_decay(self) -> set[str]:
         return {"text.token_embedding.weight"}
 
+    def tower_blocks(self) -> list[nn.Module]:
+        """The image tower's blocks and open_clip's text-tower blocks."""
+        return [*super().tower_blocks(), *self.text.transformer.resblocks]
+
     def make_transform(self, train: bool):
         hp = self.hparams
         return ClipTransform(

@@ -3,8 +3,6 @@ local crops, iBOT on masked patches, KoLeo, an EMA teacher with the same registe
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -31,11 +29,9 @@ from .optim import (
     no_decay_names,
     peak_lr,
 )
-from .schedules import warmup_cosine
+from .schedules import run_length, warmup_cosine
 
 CENTERINGS = ("sinkhorn_knopp", "softmax")
-_EMBEDDING = re.compile(r"^backbone\.(patch_embed|pos_embed|cls_token|mask_token|register_tokens)")
-_BLOCK = re.compile(r"^backbone\.blocks\.(\d+)\.")
 
 
 class DinoModule(ObjectiveModule):
@@ -209,14 +205,6 @@ class DinoModule(ObjectiveModule):
 
     # --- schedules -------------------------------------------------------------------------
 
-    def _steps(self) -> tuple[int, float]:
-        """(total optimizer steps, steps per epoch) of this fit."""
-        total = self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise ValueError("the schedules need a finite run: set trainer.max_epochs or max_steps")
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else 1
-        return int(total), total / max(epochs, 1)
-
     def schedule(self, step: int, total: int, steps_per_epoch: float) -> dict[str, float]:
         """Learning rate, weight decay, teacher temperature, EMA momentum and the prototype
         layers' learning-rate factor at optimizer step ``step`` of ``total``."""
@@ -236,7 +224,7 @@ class DinoModule(ObjectiveModule):
         }
 
     def current_schedule(self) -> dict[str, float]:
-        return self.schedule(self.trainer.global_step, *self._steps())
+        return self.schedule(self.trainer.global_step, *run_length(self.trainer))
 
     # --- optimization ----------------------------------------------------------------------
 
@@ -245,12 +233,8 @@ class DinoModule(ObjectiveModule):
         rest (final norm, heads) as the top; the patch embedding gets a further factor."""
         hp = self.hparams
         top = self.backbone.depth + 1
-        if _EMBEDDING.match(name):
-            layer = 0
-        elif match := _BLOCK.match(name):
-            layer = int(match.group(1)) + 1
-        else:
-            layer = top
+        inner = name.removeprefix("backbone.")
+        layer = self.backbone.layer_of(inner) if inner != name else top
         scale = hp.layerwise_decay ** (top - layer)
         if name.startswith("backbone.patch_embed"):
             scale *= hp.patch_embed_lr_mult
@@ -317,7 +301,7 @@ class DinoModule(ObjectiveModule):
             return  # accumulating gradients: no optimizer step in this batch
         self.teacher_step = step
         # The optimizer step just taken was step - 1.
-        self.update_teacher(self.schedule(step - 1, *self._steps())["momentum"])
+        self.update_teacher(self.schedule(step - 1, *run_length(self.trainer))["momentum"])
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

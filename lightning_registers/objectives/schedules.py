@@ -20,6 +20,15 @@ def warmup_cosine(
     return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def run_length(trainer) -> tuple[int, float]:
+    """(optimizer steps of the whole fit, optimizer steps per epoch) of ``trainer``."""
+    total = trainer.estimated_stepping_batches
+    if total == float("inf"):
+        raise ValueError("the schedules need a finite run: set trainer.max_epochs or max_steps")
+    epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else 1
+    return int(total), total / max(epochs, 1)
+
+
 def warmup_cosine_lr(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, min_lr_ratio: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
