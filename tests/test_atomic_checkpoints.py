@@ -27,39 +27,48 @@ from lightning_registers.objectives.checkpoint_io import (
 )
 
 KILLS = 16
-WEIGHTS = [torch.zeros(6_000_000), torch.ones(6_000_000)]
+WEIGHTS = [torch.zeros(3_000_000), torch.ones(3_000_000)]
 
 
 def temp_entries(directory: Path) -> set[str]:
     return {p.name for p in directory.iterdir() if p.name.startswith(TEMP_PREFIX)}
 
 
-def kill_while_writing(write, directory: Path, offset: float) -> bool:
-    """Run ``write`` in a forked process, SIGKILL it ``offset`` seconds after its first
-    temporary entry appears in ``directory``; True when the kill left a leftover (it landed
-    before the write was published). ``write`` must not start threads: OpenMP does not survive
-    a fork, so tensors are made before."""
+def written(entry: Path) -> int:
+    """Bytes in a temporary file or in the files of a staged directory (links, and entries
+    published meanwhile, count nothing)."""
+    try:
+        if entry.is_symlink():
+            return 0
+        if entry.is_dir():
+            return sum(f.stat().st_size for f in entry.iterdir())
+        return entry.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def kill_after(write, directory: Path, nbytes: float) -> bool:
+    """Run ``write`` in a forked process and SIGKILL it once its temporary entries in
+    ``directory`` hold ``nbytes``; True when the kill left a leftover (it landed before the
+    write was published). ``write`` must not start threads (OpenMP does not survive a fork),
+    so tensors are made before."""
     before = temp_entries(directory)
     child = multiprocessing.get_context("fork").Process(target=write)
     child.start()
     deadline = time.monotonic() + 30
-    while not temp_entries(directory) - before and child.is_alive():
-        assert time.monotonic() < deadline, "the write never started"
+    while child.is_alive():
+        new = [directory / name for name in temp_entries(directory) - before]
+        if new and sum(written(entry) for entry in new) >= nbytes:
+            break
+        assert time.monotonic() < deadline, "the write never got there"
         time.sleep(0.0002)
-    time.sleep(offset)
     os.kill(child.pid, signal.SIGKILL)
     child.join()
     return any((directory / name).exists() for name in temp_entries(directory) - before)
 
 
-def duration(write) -> float:
-    start = time.perf_counter()
-    write()
-    return time.perf_counter() - start
-
-
 def checkpoint(generation: int) -> dict:
-    """About 24 MB: zeros for generation 0, ones for the others."""
+    """About 12 MB: zeros for generation 0, ones for the others."""
     return {"generation": generation, "state_dict": {"w": WEIGHTS[min(generation, 1)]}}
 
 
@@ -70,14 +79,12 @@ def test_a_file_checkpoint_killed_at_any_point_of_its_write_is_the_old_or_the_ne
     path = tmp_path / "last.ckpt"
     io = AtomicCheckpointIO()
     io.save_checkpoint(checkpoint(0), path)
-    seconds = duration(lambda: io.save_checkpoint(checkpoint(0), path))
+    size = path.stat().st_size
     landed = 0
     for kill in range(KILLS):
         new = kill + 1
-        offset = 2 * seconds * kill / KILLS  # from the write's start to past its end
-        landed += kill_while_writing(
-            partial(io.save_checkpoint, checkpoint(new), path), tmp_path, offset
-        )
+        at = size * kill / (KILLS - 1)  # from the first byte to past the last one
+        landed += kill_after(partial(io.save_checkpoint, checkpoint(new), path), tmp_path, at)
         saved = torch.load(path, weights_only=True)
         assert saved["generation"] in (0, new)
         assert torch.equal(
@@ -85,7 +92,7 @@ def test_a_file_checkpoint_killed_at_any_point_of_its_write_is_the_old_or_the_ne
         )
         if saved["generation"]:  # published: the next kill interrupts a replacement of 0
             io.save_checkpoint(checkpoint(0), path)
-    assert landed >= KILLS // 4  # some kills interrupted the write
+    assert landed >= KILLS // 2  # most kills interrupted the write
     assert remove_leftovers(tmp_path) and temp_entries(tmp_path) == set()
     assert torch.load(path, weights_only=True)["generation"] == 0
 
@@ -105,7 +112,7 @@ def write_sharded(directory: Path, path: Path, generation: int) -> None:
     staged = temp_path(directory)
     staged.mkdir()
     for rank in range(4):
-        (staged / f"__{rank}_0.distcp").write_bytes(bytes([generation]) * 4_000_000)
+        (staged / f"__{rank}_0.distcp").write_bytes(bytes([generation]) * 2_000_000)
     (staged / "meta.pt").write_bytes(bytes([generation]))
     publish_directory(staged, path)
 
@@ -116,7 +123,7 @@ def sharded_generation(path: Path) -> int:
     assert files == [*(f"__{rank}_0.distcp" for rank in range(4)), "meta.pt"]
     generation = (path / "meta.pt").read_bytes()[0]
     for rank in range(4):
-        assert (path / f"__{rank}_0.distcp").read_bytes() == bytes([generation]) * 4_000_000
+        assert (path / f"__{rank}_0.distcp").read_bytes() == bytes([generation]) * 2_000_000
     return generation
 
 
@@ -126,18 +133,16 @@ def test_a_sharded_checkpoint_killed_at_any_point_of_its_replacement_is_the_old_
     path = tmp_path / "last.ckpt"
     write_sharded(tmp_path, path, 0)
     assert path.is_symlink() and sharded_generation(path) == 0
-    seconds = duration(lambda: write_sharded(tmp_path, path, 0))
+    size = written(path.resolve())
     landed = 0
     for kill in range(KILLS):
         generation = kill + 1
-        offset = 2 * seconds * kill / KILLS
-        landed += kill_while_writing(
-            partial(write_sharded, tmp_path, path, generation), tmp_path, offset
-        )
+        at = size * kill / (KILLS - 1)
+        landed += kill_after(partial(write_sharded, tmp_path, path, generation), tmp_path, at)
         assert sharded_generation(path) in (0, generation)
         if sharded_generation(path):
             write_sharded(tmp_path, path, 0)
-    assert landed >= KILLS // 4  # some kills interrupted the write
+    assert landed >= KILLS // 2  # most kills interrupted the write
     remove_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.ckpt", os.readlink(path)])
     assert sharded_generation(path) == 0
@@ -154,6 +159,17 @@ def test_publishing_replaces_a_plain_directory_and_removal_takes_the_linked_one(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_leftovers_are_the_temporary_entries_that_no_checkpoint_links_to(tmp_path):
+    path = tmp_path / "last.ckpt"
+    write_sharded(tmp_path, path, 1)
+    staged, link, half = (temp_path(tmp_path) for _ in range(3))
+    staged.mkdir()
+    os.symlink(staged.name, link)  # a publish killed before its rename
+    half.write_bytes(b"half a file")
+    assert sorted(remove_leftovers(tmp_path)) == sorted([staged, link, half])
+    assert sharded_generation(path) == 1 and len(list(tmp_path.iterdir())) == 2
+
+
 def start_fit(work: Path, demo_shards, *extra) -> subprocess.Popen:
     """A supervised fit of the demo's ViT (23 MB checkpoints) saving every step (one step an
     epoch), with the system temp directory on another filesystem than its run directory."""
@@ -161,7 +177,7 @@ def start_fit(work: Path, demo_shards, *extra) -> subprocess.Popen:
         "trainer": {
             "callbacks": [{"class_path": "recorder.RecordLosses",
                            "init_args": {"path": str(work / "losses.txt")}}],
-            "max_epochs": 4, "limit_val_batches": 1, "log_every_n_steps": 1,
+            "max_epochs": 4, "limit_val_batches": 2, "log_every_n_steps": 1,
         },
         "data": demo_data(demo_shards, samples_per_epoch=4),
     }  # fmt: skip
@@ -186,19 +202,21 @@ def test_a_fit_killed_while_saving_resumes_from_its_last_checkpoint(tmp_path, de
     checkpoints = tmp_path / "runs" / "atomic" / "version_0" / "checkpoints"
     last = checkpoints / "last.ckpt"
     killed = start_fit(tmp_path, demo_shards)
-    # Once last.ckpt exists, kill the fit 2 ms into its next checkpoint write.
+    # Once last.ckpt exists, kill the fit half-way through its next checkpoint write.
     seen, deadline = set(), time.monotonic() + 240
-    while not (last.exists() and temp_entries(checkpoints) - seen):
+    while True:
         assert killed.poll() is None, stderr_tail(tmp_path)
         assert time.monotonic() < deadline
-        if not last.exists() and checkpoints.is_dir():
-            seen = temp_entries(checkpoints)
+        if not last.exists():
+            seen = temp_entries(checkpoints) if checkpoints.is_dir() else set()
+        else:
+            new = [checkpoints / name for name in temp_entries(checkpoints) - seen]
+            if new and sum(written(entry) for entry in new) >= last.stat().st_size / 2:
+                break
         time.sleep(0.0002)
-    time.sleep(0.002)
     killed.kill()
     killed.wait()
-    leftovers = temp_entries(checkpoints)
-    assert leftovers  # the kill interrupted a write
+    assert temp_entries(checkpoints)  # the kill interrupted a write
     saved = torch.load(last, weights_only=True)
     steps = losses(tmp_path / "losses.txt")
     assert saved["global_step"] in (max(steps), max(steps) - 1)

@@ -77,9 +77,11 @@ def publish_directory(staged: str | Path, path: str | Path) -> None:
     sync_directory(staged)
     previous = _linked_directory(path)
     if path.is_dir() and not path.is_symlink():
-        # A plain directory (not written here) cannot be replaced in one rename: it is moved
-        # aside first, the one case where a kill at the wrong moment leaves neither.
-        previous = temp_path(path.parent)
+        # A plain directory (not written here) cannot be replaced in one rename. It is moved
+        # aside under a name that no clean-up removes, so a kill before the next rename leaves
+        # it there, whole, though not at the path.
+        previous = path.with_name(f"{path.name}.replaced")
+        shutil.rmtree(previous, ignore_errors=True)
         path.rename(previous)
     link = temp_path(path.parent)
     os.symlink(staged.name, link)
@@ -119,8 +121,10 @@ def remove_leftovers(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     entries = list(directory.iterdir())
-    linked = {os.readlink(e) for e in entries if e.is_symlink()}
-    leftovers = [e for e in entries if e.name.startswith(TEMP_PREFIX) and e.name not in linked]
+    ours = [e for e in entries if e.name.startswith(TEMP_PREFIX)]
+    # A temporary link (a publish killed before its rename) keeps nothing alive.
+    linked = {os.readlink(e) for e in entries if e.is_symlink() and e not in ours}
+    leftovers = [e for e in ours if e.name not in linked]
     for entry in leftovers:
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
