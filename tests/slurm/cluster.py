@@ -17,13 +17,13 @@ from pathlib import Path
 
 from ports import free_port
 
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge", "iproute2"]
 REGISTRY = Path("/run/lightning-registers-test-clusters")
 
 
 def install() -> None:
-    """apt-get the Slurm daemons, client and munge when one of them is missing."""
-    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged")):
+    """apt-get the Slurm daemons, client, munge and ip (two_nodes) when one is missing."""
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "munged", "ip")):
         return
     if os.geteuid() != 0:
         raise RuntimeError("installing Slurm needs root (apt-get)")
@@ -32,14 +32,31 @@ def install() -> None:
         subprocess.run(["apt-get", *command], check=True, env=env, capture_output=True, timeout=900)
 
 
+def _stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of ``/proc/<pid>/stat`` (state first), None if there is no such
+    process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _start_time(pid: int) -> str | None:
     """The start time of process ``pid`` (clock ticks since boot), None if it does not exist:
     with the PID it names one process, whatever PIDs the system reuses later."""
+    stat = _stat(pid)
+    return stat[19] if stat else None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (reaping it first if it is an exited child of this process)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def stop_process(pid: int, mark: str, grace: float = 10.0) -> None:
@@ -49,22 +66,17 @@ def stop_process(pid: int, mark: str, grace: float = 10.0) -> None:
         if mark not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
             return
         os.kill(pid, signal.SIGTERM)
-    except (OSError, ProcessLookupError):
+    except OSError:
         return
     deadline = time.time() + grace
-    while time.time() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our child: reaped
+    while _running(pid):
+        if time.time() > deadline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
                 return
-        except ChildProcessError:  # not our child: gone once /proc forgets it
-            if _start_time(pid) is None:
-                return
+            deadline = float("inf")
         time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    except (OSError, ChildProcessError):
-        pass
 
 
 class Leftovers:
