@@ -296,7 +296,8 @@ def test_multi_node_job_requeues_on_usr1_and_resumes_after_a_killed_task(cluster
     requeue_step = saved_step(run / "hpc_ckpt_1.ckpt")
     assert 6 <= requeue_step < 12  # in epoch 2
 
-    # The requeued job: once past its first epoch end, kill node2's task in the next epoch.
+    # The requeued job: once epoch 2 has ended (last.ckpt at step 12), kill node2's task in
+    # epoch 3 (3 s of paced steps).
     cluster.wait_for(lambda: saved_step(checkpoints / "last.ckpt") == 12, 240, "epoch 2's end")
     (task,) = node_tasks(cluster, "node2")
     os.kill(task, signal.SIGKILL)
