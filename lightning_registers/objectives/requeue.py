@@ -45,7 +45,8 @@ class SlurmRequeue(Callback):
     """On Slurm with auto-requeue (Lightning's ``SLURMEnvironment``, detected under srun), the
     requeue signal only raises a flag; after each training batch the ranks agree on it (one
     all-reduce of a boolean), then every rank takes part in saving ``hpc_ckpt_N.ckpt`` into the
-    run directory, rank 0 requeues the job and training stops. Every objective adds it; it does
+    run directory (atomically, as every checkpoint: ``checkpoint_io``), rank 0 requeues the job
+    and training stops. Every objective adds it; it does
     nothing elsewhere, and a single-process run keeps Lightning's handler."""
 
     def __init__(self) -> None:
