@@ -9,8 +9,12 @@ checkpoint's backbone as one file; ``analyze`` runs the paper's measurements on 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import os
+import re
 import sys
+import typing
 from pathlib import Path
 from typing import NoReturn
 
@@ -245,10 +249,38 @@ def export_main(args: list[str]) -> None:
     print(f"wrote {out}")
 
 
+def settings_arguments(parser: argparse.ArgumentParser, settings: type, allowed: dict) -> None:
+    """One flag per field of the dataclass ``settings`` (``--lost-k`` for ``lost_k``), with
+    the field's default and type, its values from ``allowed`` and its help from the class
+    docstring's ``Args``: the dataclass is the one source of the defaults."""
+    helps = docstring_args(settings)
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
+        kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), None)
+        kind = kind or hints[field.name]
+        options = {"default": field.default, "help": helps.get(field.name)}
+        if kind is bool:
+            optional = field.default is None
+            options["action"] = argparse.BooleanOptionalAction if optional else "store_true"
+        else:
+            options.update(type=kind, choices=allowed.get(field.name))
+        parser.add_argument("--" + field.name.replace("_", "-"), **options)
+
+
+def docstring_args(cls: type) -> dict[str, str]:
+    """The ``Args:`` entries of ``cls``'s docstring, by name, each on one line."""
+    helps: dict[str, str] = {}
+    name = None
+    for line in inspect.getdoc(cls).partition("Args:")[2].splitlines():
+        if match := re.match(r"    (\w+): (.*)", line):
+            name, helps[match[1]] = match[1], match[2]
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return helps
+
+
 def analyze_parser() -> argparse.ArgumentParser:
-    from .analysis.lost import FEATURES
-    from .analysis.settings import CHOICES, PROTOCOLS
-    from .measures.norms import RULES
+    from .analysis.settings import ALLOWED, AnalysisSettings
     from .models import LAYOUTS
 
     parser = argparse.ArgumentParser(
@@ -274,36 +306,7 @@ def analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--part", default=None, help="DINO: teacher (default) or student")
     parser.add_argument("--num-heads", type=int, default=None, help="heads of released weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--protocol",
-        choices=tuple(PROTOCOLS),
-        default="ours",
-        help="ours, or reference: LOST and test-time registers as the authors' code computes "
-        "them; the flags below override one choice each",
-    )
-    parser.add_argument("--rule", choices=RULES, default="relative", help="high-norm rule")
-    parser.add_argument("--threshold", type=float, default=150.0, help="absolute norm cut")
-    parser.add_argument("--factor", type=float, default=3.0, help="relative cut x median")
-    parser.add_argument("--lost-features", choices=FEATURES, default="keys")
-    parser.add_argument("--lost-k", type=int, default=None, help="LOST candidates")
-    parser.add_argument("--gram-bias", type=float, default=0.0, help="added to LOST's Gram")
-    parser.add_argument(
-        "--lost-input", choices=CHOICES["lost_input"], help="square resize or padded full size"
-    )
-    parser.add_argument("--lost-ties", choices=CHOICES["lost_ties"], help="equal degrees")
-    parser.add_argument("--corloc-over", choices=CHOICES["corloc_over"], help="which images count")
-    parser.add_argument("--no-hard", action="store_true", help="drop difficult/truncated objects")
-    parser.add_argument("--ttr-neurons", type=int, default=None, help="register neurons moved")
-    parser.add_argument("--ttr-values", choices=CHOICES["ttr_values"], help="register's values")
-    parser.add_argument("--ttr-tokens", choices=CHOICES["ttr_tokens"], help="outliers among")
-    parser.add_argument("--ttr-average", choices=CHOICES["ttr_average"], help="neuron scores")
-    parser.add_argument(
-        "--ttr-sparsity", action=argparse.BooleanOptionalAction, help="reference sparsity filter"
-    )
-    parser.add_argument("--ttr-layer", type=int, default=None, help="block marking outliers")
-    parser.add_argument("--ttr-threshold", type=float, default=None, help="outlier norm cut")
-    parser.add_argument("--ttr-top-layer", type=int, default=None, help="highest neuron block")
+    settings_arguments(parser, AnalysisSettings, ALLOWED)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     return parser

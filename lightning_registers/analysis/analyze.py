@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..measures.norms import OUTPUT, OutlierRule
+from ..measures.norms import OUTPUT, RULES, OutlierRule
 from .attention import (
     attention_maps,
     attention_on_high_norm,
@@ -44,8 +44,7 @@ def _norm_summary(norms: dict[str, torch.Tensor], settings: AnalysisSettings) ->
         "layers": stats,
         "output": stats[OUTPUT],
         "first_high_norm_block": {
-            "absolute": first_high_norm_layer(stats, "share_absolute"),
-            "relative": first_high_norm_layer(stats, "share_relative"),
+            kind: first_high_norm_layer(stats, OutlierRule(kind).share_key) for kind in RULES
         },
     }
 

@@ -8,21 +8,20 @@ from pathlib import Path
 import torch
 
 from ..measures.figures import histogram_range, plt, save_figure
-from ..measures.norms import OUTPUT, OutlierRule, high_norm_stats
+from ..measures.norms import OUTPUT, RULES, OutlierRule, high_norm_stats
 
 PERCENTILES = (1, 25, 50, 75, 99)
+SHARE_RULES = tuple(OutlierRule(kind) for kind in RULES)
 
 
 def norm_statistics(norms: torch.Tensor, threshold: float = 150.0, factor: float = 3.0) -> dict:
-    """Scalars of a set of patch-token norms: the share above ``threshold``, the share above
-    ``factor`` x the median, the percentiles ``pNN`` and the maximum."""
+    """Scalars of a set of patch-token norms: the high-norm share by each rule
+    (``high_norm_share_absolute``: above ``threshold``; ``high_norm_share_relative``: above
+    ``factor`` x the median), the percentiles ``pNN`` and the maximum."""
     flat = norms.flatten().float()
     shares = high_norm_stats(flat, threshold, factor)
     quantiles = torch.quantile(flat, torch.tensor(PERCENTILES, dtype=torch.float) / 100)
-    stats = {
-        "share_absolute": shares["high_norm_share_absolute"],
-        "share_relative": shares["high_norm_share_relative"],
-    }
+    stats = {key: shares[key] for key in (rule.share_key for rule in SHARE_RULES)}
     stats.update({f"p{p}": q.item() for p, q in zip(PERCENTILES, quantiles, strict=True)})
     stats["max"] = shares["max"]
     return stats
@@ -81,7 +80,7 @@ def plot_layer_statistics(stats: dict[str, dict[str, dict]], path: Path, title: 
         top.set_title(name, fontsize=9)
         top.set_ylabel("patch-token norm", fontsize=8)
         top.legend(fontsize=7)
-        for key, label in (("share_absolute", "absolute"), ("share_relative", "relative")):
+        for key, label in ((rule.share_key, rule.kind) for rule in SHARE_RULES):
             bottom.plot(x, [100 * v for v in get(key)], marker="o", label=label)
         bottom.set_ylabel("high-norm patch tokens (%)", fontsize=8)
         bottom.set_xticks(list(x))

@@ -72,8 +72,18 @@ def _dig(tree, path: str):
 # (label, dotted paths into a model summary, format, separator); "ttr" = test-time registers.
 _MAIN_ROWS = [
     ("registers", ["backbone.num_registers"], str, ""),
-    ("output high-norm share, absolute (%)", ["norms.output.share_absolute"], _percent, ""),
-    ("output high-norm share, relative (%)", ["norms.output.share_relative"], _percent, ""),
+    (
+        "output high-norm share, absolute (%)",
+        ["norms.output.high_norm_share_absolute"],
+        _percent,
+        "",
+    ),
+    (
+        "output high-norm share, relative (%)",
+        ["norms.output.high_norm_share_relative"],
+        _percent,
+        "",
+    ),
     ("output norm median / max", ["norms.output.p50", "norms.output.max"], _number, " / "),
     ("first block with high-norm tokens", ["norms.first_high_norm_block.relative"], str, ""),
     (
@@ -118,13 +128,13 @@ _TTR = "test_time_registers.after."
 _TTR_ROWS = [
     (
         "output high-norm share, relative (%)",
-        ["norms.output.share_relative", _TTR + "norms.output.share_relative"],
+        ["norms.output.high_norm_share_relative", _TTR + "norms.output.high_norm_share_relative"],
         _percent,
         " → ",
     ),
     (
         "output high-norm share, absolute (%)",
-        ["norms.output.share_absolute", _TTR + "norms.output.share_absolute"],
+        ["norms.output.high_norm_share_absolute", _TTR + "norms.output.high_norm_share_absolute"],
         _percent,
         " → ",
     ),

@@ -42,6 +42,8 @@ CHOICES = {
     "lost_ties": TIES,
     "corloc_over": CORLOC_OVER,
 }
+# Every setting with a fixed set of values: the protocol's choices and three more.
+ALLOWED = {"protocol": tuple(PROTOCOLS), "rule": RULES, "lost_features": FEATURES, **CHOICES}
 REFERENCE_LOST_K = 100  # main_lost.py's --k_patches
 REFERENCE_IOU_EPS = 1e-7  # the reference's IoU adds it to box heights and to the union
 
@@ -115,9 +117,7 @@ class AnalysisSettings:
     batch_size: int = 32
 
     def __post_init__(self) -> None:
-        checks = {"protocol": tuple(PROTOCOLS), "rule": RULES, "lost_features": FEATURES}
-        checks.update(CHOICES)
-        for name, allowed in checks.items():
+        for name, allowed in ALLOWED.items():
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

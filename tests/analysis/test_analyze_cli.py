@@ -104,12 +104,12 @@ def test_analyze_compares_checkpoints_on_shards_and_on_a_voc_folder(tmp_path, ch
     share = len(PLANTED) / GRID**2
     for summary in (from_folder, from_shards):
         planted_result, clean_result = summary["models"]["planted"], summary["models"]["clean"]
-        assert planted_result["norms"]["output"]["share_absolute"] == pytest.approx(share)
+        assert planted_result["norms"]["output"]["high_norm_share_absolute"] == pytest.approx(share)
         assert planted_result["norms"]["first_high_norm_block"]["absolute"] == "block01"
-        assert clean_result["norms"]["output"]["share_relative"] == 0
+        assert clean_result["norms"]["output"]["high_norm_share_relative"] == 0
         ttr = planted_result["test_time_registers"]
         assert (ttr["neurons"][0]["block"], ttr["neurons"][0]["neuron"]) == (1, 5)
-        assert ttr["after"]["norms"]["output"]["share_relative"] < 0.005
+        assert ttr["after"]["norms"]["output"]["high_norm_share_relative"] < 0.005
         assert ttr["normal_token_cosine"] > 0.999
         assert clean_result["test_time_registers"]["neurons"] == []
         assert summary["protocol"]["name"] == "ours"
@@ -171,7 +171,7 @@ def test_analyze_records_the_reference_protocol(tmp_path, checkpoints):
         "values": "sign_max",
     }
     assert (ttr["neurons"][0]["block"], ttr["neurons"][0]["neuron"]) == (1, 5)
-    assert ttr["after"]["norms"]["output"]["share_relative"] < 0.005
+    assert ttr["after"]["norms"]["output"]["high_norm_share_relative"] < 0.005
     assert "Protocol: **reference**" in (out / "summary.md").read_text()
 
 

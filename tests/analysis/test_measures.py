@@ -65,14 +65,19 @@ def test_norm_measures_find_the_planted_tokens_and_their_layer(planted, images, 
     for rule in ("absolute", "relative"):
         flags = OutlierRule(rule).mask(norms["output"])
         assert torch.equal(flags, PLANTED_MASK.expand_as(flags)), rule
-        assert stats["output"][f"share_{rule}"] == pytest.approx(share)
-        assert stats["block00"][f"share_{rule}"] == 0
-        assert first_high_norm_layer(stats, f"share_{rule}") == f"block{PLANTED_BLOCK:02d}"
+        assert stats["output"][f"high_norm_share_{rule}"] == pytest.approx(share)
+        assert stats["block00"][f"high_norm_share_{rule}"] == 0
+        assert (
+            first_high_norm_layer(stats, f"high_norm_share_{rule}") == f"block{PLANTED_BLOCK:02d}"
+        )
     assert stats["output"]["p50"] < 20 < 150 < stats["output"]["max"]
 
     clean = layer_statistics(patch_norms_by_layer(planted_backbone(plant=False), images))
-    assert all(s["share_relative"] == 0 and s["share_absolute"] == 0 for s in clean.values())
-    assert first_high_norm_layer(clean, "share_relative") is None
+    assert all(
+        s["high_norm_share_relative"] == 0 and s["high_norm_share_absolute"] == 0
+        for s in clean.values()
+    )
+    assert first_high_norm_layer(clean, "high_norm_share_relative") is None
 
 
 def test_neighbour_cosine_matches_a_hand_computed_grid():
