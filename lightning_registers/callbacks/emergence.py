@@ -16,6 +16,7 @@ EVENTS_FILE = "artifact_events.jsonl"
 ANY_LAYER = "any"
 EVENT_KEYS = (
     "share",
+    "image_share_max",
     "onset_layer",
     "background_share",
     "neighbour_cosine_high_norm",
@@ -27,7 +28,8 @@ EVENT_KEYS = (
 class ArtifactEmergence(Callback):
     """Judges each check of a TokenNormMonitor: do the high-norm patch tokens look like the
     paper's artifacts rather than look-alikes? A check counts when, at the watched ``layer`` (or
-    at any watched layer), the tokens are few (share above ``level``, at most ``max_level``),
+    at any watched layer), the tokens are few (share above ``level``, at most ``max_level``
+    over the probe images and in each one),
     appear beyond the first blocks (``min_onset``) and sit on redundant patches (on the
     background where the probe samples have object boxes, ``min_background``; else more alike
     their neighbours than the other tokens, ``min_redundancy_gap``): see
@@ -43,7 +45,8 @@ class ArtifactEmergence(Callback):
 
     Args:
         level: share of patch tokens (0..1) that a counting check must exceed.
-        max_level: share a counting check may not exceed (artifacts are few: about 2 %).
+        max_level: share a counting check may not exceed, over the probe images and in any
+            one of them (artifacts are few: about 2 %).
         patience: checks in a row that make an event.
         layer: ``any`` (every layer the monitor watches; an event names the one with the
             largest share) or one layer (``output`` or ``blockNN``).

@@ -48,7 +48,8 @@ class TokenNormMonitor(ProbeCallback):
     - the signature of the high-norm tokens by ``rule`` (what tells artifacts from
       look-alikes, ``measures.signature``), as scalars ``artifacts/NAME/LAYER/KEY``:
       ``onset_block`` (the block where this layer's high-norm tokens first appear; the output
-      counts as block ``depth``), ``background_share`` (their share on background patches,
+      counts as block ``depth``), ``image_share_max`` (their largest share of one probe
+      image's patches), ``background_share`` (their share on background patches,
       where the probe samples have object boxes), ``neighbour_cosine_high_norm`` and
       ``neighbour_cosine_normal`` (how alike each patch embedding is to its 4 neighbours, for
       them and for the other tokens) and ``cls_attention_on_high_norm`` (the share of the

@@ -22,6 +22,7 @@ from .norms import OUTPUT, OutlierRule, token_norms
 from .placement import neighbour_cosine
 
 SIGNATURE_KEYS = (
+    "image_share_max",
     "background_share",
     "neighbour_cosine_high_norm",
     "neighbour_cosine_normal",
@@ -86,8 +87,10 @@ def high_norm_signature(
     object_cut: float = 0.5,
 ) -> dict[str, dict]:
     """Per layer, the signature of its high-norm patch tokens by ``rule``: ``share`` of the
-    patches; ``onset_layer`` and ``onset_block`` (``onset``, as a ``layer_block``); mean
-    neighbour cosine (``redundancy``, (B, P)) of the high-norm and of the normal tokens;
+    patches; ``image_share_max``, their largest share of one image's patches (a whole background
+    lifted by its colour is many in one image, artifacts are a few in each); ``onset_layer``
+    and ``onset_block`` (``onset``, as a ``layer_block``); mean neighbour cosine
+    (``redundancy``, (B, P)) of the high-norm and of the normal tokens;
     ``cls_attention_on_high_norm``: the share of the last-block [CLS] attention over the
     patches (``attention``, a ``prefix_attention``) that lands on them; ``background_share``:
     the share of them on background patches (less than ``object_cut`` of the patch on an
@@ -108,6 +111,7 @@ def high_norm_signature(
             background = (objects[high & known] < object_cut).float().mean().item()
         result[layer] = {
             "share": high.float().mean().item(),
+            "image_share_max": high.float().mean(dim=1).max().item(),
             "onset_layer": first,
             "onset_block": None if first is None else layer_block(first, depth),
             "neighbour_cosine_high_norm": _mean(redundancy[high]),
@@ -127,7 +131,8 @@ class ArtifactSignature:
 
     Args:
         min_share: few but there: more than this share of the patches is high-norm.
-        max_share: few: at most this share (the paper's artifacts are about 2 %).
+        max_share: few: at most this share, over the probe images and in any one of them (the
+            paper's artifacts are about 2 % of the patches).
         min_onset: beyond the first blocks: the tokens appear (``onset``) at a block index
             of at least this fraction of the depth (0.25: not in the first quarter, block 3 or
             later of 12, block 1 or later of 4; 0 turns the condition off).
@@ -155,7 +160,8 @@ class ArtifactSignature:
         """The conditions that one layer's ``high_norm_signature`` fails: ``few``, ``late``,
         ``background`` or ``redundant``; empty when it looks like artifacts."""
         failed = []
-        if not self.min_share < stats["share"] <= self.max_share:
+        few = self.min_share < stats["share"] <= self.max_share
+        if not few or stats["image_share_max"] > self.max_share:
             failed.append("few")
         if stats["onset_block"] is None or stats["onset_block"] < self.min_onset * depth:
             failed.append("late")

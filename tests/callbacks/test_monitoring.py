@@ -106,14 +106,15 @@ def test_high_norm_stats_by_hand():
     assert stats["max_over_median"] == pytest.approx(200 / 3)
 
 
-def check(share=0.0, onset_block=2, background_share=0.9, layer="block03") -> dict:
+def check(share=0.0, onset_block=2, background_share=0.9, layer="block03", in_one=None) -> dict:
     """A TokenNormMonitor result for a 4-block backbone: ``layer``'s high-norm tokens have
-    ``share``, appear at ``onset_block`` and sit ``background_share`` on the background;
-    every other layer has none."""
+    ``share`` (``in_one`` of one image's patches), appear at ``onset_block`` and sit
+    ``background_share`` on the background; every other layer has none."""
     quiet = dict.fromkeys(("onset_layer", *SIGNATURE_KEYS), None)
     signature = {name: {**quiet, "share": 0.0} for name in ("block00", "block03", "output")}
     signature[layer] = {
         "share": share,
+        "image_share_max": share if in_one is None else in_one,
         "onset_layer": f"block{onset_block:02d}",
         "onset_block": onset_block,
         "background_share": background_share,
@@ -145,8 +146,9 @@ def test_emergence_needs_patience_artifact_like_checks_in_a_row_both_ways():
         check(0.14),  # too many
         check(0.02, onset_block=0),  # from the first block on
         check(0.02, background_share=0.2),  # on the objects
+        check(0.02, in_one=0.3),  # one image's whole background
     ],
-    ids=["many", "early", "on_objects"],
+    ids=["many", "early", "on_objects", "in_one_image"],
 )
 def test_persistent_look_alikes_make_no_event(look_alike):
     watcher = ArtifactEmergence(level=0.01, patience=2)

@@ -56,6 +56,7 @@ def test_signature_by_hand():
     signature = high_norm_signature(norms, 2, OutlierRule(), redundancy, attention, objects)
     assert signature["block00"] == {
         "share": 0.0,
+        "image_share_max": 0.0,
         "onset_layer": None,
         "onset_block": None,
         "neighbour_cosine_high_norm": None,
@@ -65,6 +66,7 @@ def test_signature_by_hand():
     }
     assert signature["output"] == {
         "share": 1 / 8,
+        "image_share_max": 1 / 4,
         "onset_layer": "block01",
         "onset_block": 1,
         "neighbour_cosine_high_norm": pytest.approx(0.9),
@@ -87,6 +89,7 @@ def test_signature_by_hand():
 def stats(**changes):
     base = {
         "share": 0.03,
+        "image_share_max": 0.06,
         "onset_block": 5,
         "background_share": 0.9,
         "neighbour_cosine_high_norm": 0.9,
@@ -102,6 +105,7 @@ def stats(**changes):
         ({"share": 0.01}, ["few"]),  # at the level is not above it
         ({"share": 0.10}, []),  # at the maximum is still few
         ({"share": 0.14}, ["few"]),
+        ({"image_share_max": 0.5}, ["few"]),  # one image's background, not a few in each
         ({"onset_block": 2}, ["late"]),  # block 2 of 12 lies in the first quarter
         ({"onset_block": 3}, []),
         ({"onset_block": None, "share": 0.0}, ["few", "late"]),
