@@ -2,9 +2,32 @@
 
 from pathlib import Path
 
+import lightning as L
 import yaml
 
+from lightning_registers.data import ShardDataModule
+
 ROOT = Path(__file__).resolve().parents[1]
+# Configs that state only what differs from another (their base), given after it.
+BASE_CONFIGS = {
+    "dino/vit_l14_reg0.yaml": "dino/vit_l14_reg4.yaml",
+    "supervised/deit3_vit_b16_reg0.yaml": "supervised/deit3_vit_b16_reg4.yaml",
+    "clip/openclip_vit_b16_reg0.yaml": "clip/openclip_vit_b16_reg4.yaml",
+    "experiments/in1k_reg0.yaml": "experiments/deit3_vit_s16_in1k.yaml",
+    "experiments/in100_reg0.yaml": "experiments/deit3_vit_s16_in100.yaml",
+}
+
+
+def config_files(config: Path) -> list[Path]:
+    """The files a run of ``config`` (a path under configs/) gives, in order: its base first."""
+    name = config.relative_to(ROOT / "configs").as_posix()
+    base = [ROOT / "configs" / BASE_CONFIGS[name]] if name in BASE_CONFIGS else []
+    return [*base, config]
+
+
+def config_args(config: Path) -> list[str]:
+    """``--config`` arguments of ``config_files(config)``."""
+    return [arg for path in config_files(config) for arg in ("--config", str(path))]
 
 
 def demo_data(demo_shards: Path, **fields) -> dict:
@@ -61,3 +84,25 @@ def tiny_overrides(tmp_path, demo_shards, config_file: Path | None = None, **dat
         "data": demo_data(demo_shards, num_classes=10, **data),
     }
     return write_yaml(tmp_path / "tiny.yaml", config)
+
+
+def demo_datamodule(demo_shards: Path, **fields) -> ShardDataModule:
+    """The in-process data module of a tiny run on the test demo shards (``demo_data``, 10
+    classes); ``fields`` override or add."""
+    return ShardDataModule(**demo_data(demo_shards, **{"num_classes": 10, **fields}))
+
+
+QUIET = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
+
+
+def quiet_trainer(**options) -> L.Trainer:
+    """An in-process CPU trainer with no logger, checkpoints, progress bar, model summary or
+    sanity check; ``options`` override or add."""
+    return L.Trainer(**{**QUIET, **options})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from demo_run import ROOT, tiny_overrides
+from demo_run import ROOT, config_args, config_files, tiny_overrides
 
 from lightning_registers.cli import lightning_main, main
 
@@ -22,10 +22,9 @@ def test_every_objective_config_runs_a_fast_dev_run(config, tmp_path, demo_shard
     cli = lightning_main(
         [
             "fit",
+            *config_args(config),
             "--config",
-            str(config),
-            "--config",
-            str(tiny_overrides(tmp_path, demo_shards, config)),
+            str(tiny_overrides(tmp_path, demo_shards, config_files(config)[0])),
             "--trainer.fast_dev_run=1",
             "--trainer.accelerator=cpu",
             "--trainer.devices=1",

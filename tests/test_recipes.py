@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from demo_run import ROOT, demo_data, write_yaml
+from demo_run import ROOT, config_args, demo_data, write_yaml
 
 from lightning_registers.cli import RegistersCLI, main
 from lightning_registers.data import ShardDataModule
@@ -156,7 +156,6 @@ class ParsedCLI(RegistersCLI):
 
 
 def resolved(config: str, *args: str):
-    path = ROOT / "configs" / f"{config}.yaml"
     cli = ParsedCLI(
         ObjectiveModule,
         ShardDataModule,
@@ -164,8 +163,7 @@ def resolved(config: str, *args: str):
         # Shards are only named: nothing is read.
         args=[
             "fit",
-            "--config",
-            str(path),
+            *config_args(ROOT / "configs" / f"{config}.yaml"),
             "--data.train_urls=t.tar",
             "--data.val_urls=v.tar",
             *args,
@@ -261,8 +259,8 @@ def test_openclip_plain_vit_export_loads_into_the_timm_model_it_names(
         "data": demo_data(demo_shards, num_classes=10),
     }  # fmt: skip
     overrides = write_yaml(tmp_path / "tiny.yaml", tiny)
-    config = str(ROOT / "configs" / "clip" / "openclip_vit_b16_reg0.yaml")
-    main(["fit", "--config", config, "--config", str(overrides), "--trainer.max_steps=1",
+    config = config_args(ROOT / "configs" / "clip" / "openclip_vit_b16_reg0.yaml")
+    main(["fit", *config, "--config", str(overrides), "--trainer.max_steps=1",
           "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.callbacks=[]",
           "--experiment=export"])  # fmt: skip
     ckpt = tmp_path / "runs/export/version_0/checkpoints/last.ckpt"
