@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import torch
 from analysis.planted import PLANTED, SIDE, planted_backbone
+from demo_run import quiet_trainer
 from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
@@ -105,15 +106,10 @@ def fit(
         image_size=image_size,
         num_classes=10,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=max_steps,
         logger=TensorBoardLogger(root, name=name),
         callbacks=callbacks,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         log_every_n_steps=1,
         limit_val_batches=0,
     )

@@ -10,11 +10,11 @@ import tarfile
 import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from demo_run import quiet_trainer
 from PIL import Image
 
 from lightning_registers.data import (
@@ -450,14 +450,8 @@ def test_a_fit_with_two_workers_logs_exact_skip_counts(tmp_path):
         num_classes=NUM_CLASSES,
         image_size=32,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
     )
     with deadline(120), warnings.catch_warnings():
         warnings.simplefilter("ignore")

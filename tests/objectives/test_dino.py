@@ -11,13 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from demo_run import ROOT, demo_data, write_yaml
+from demo_run import ROOT, demo_data, demo_datamodule, quiet_trainer, write_yaml
 from ports import free_port
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.fsdp import fully_shard
 
 from lightning_registers.cli import close_process_group
-from lightning_registers.data import ShardDataModule
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import DinoModule
 from lightning_registers.objectives.dino_losses import (
@@ -291,22 +290,16 @@ def test_a_short_fit_updates_the_teacher_freezes_prototypes_and_reports_knn(tmp_
     )
     prototypes = module.dino_head.last_layer.weight_v.detach().clone()
     teacher_before = module.teacher["backbone"].blocks[0].mlp.fc1.weight.detach().clone()
-    data = ShardDataModule(
-        str(demo_shards / "train" / "*.tar"),
-        str(demo_shards / "val" / "*.tar"),
+    data = demo_datamodule(
+        demo_shards,
         batch_size=8,
         num_workers=0,
         samples_per_epoch=32,
         image_size=32,
         num_classes=10,
     )
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 4
@@ -340,9 +333,8 @@ def test_dinov2_options_in_a_short_fit(demo_shards):
         no_decay_rule="dinov2",
         blur_probabilities=(0.0, 0.9, 0.5),
     )
-    data = ShardDataModule(
-        str(demo_shards / "train" / "*.tar"),
-        str(demo_shards / "val" / "*.tar"),
+    data = demo_datamodule(
+        demo_shards,
         batch_size=6,
         num_workers=1,
         samples_per_epoch=12,
@@ -350,14 +342,10 @@ def test_dinov2_options_in_a_short_fit(demo_shards):
         num_classes=10,
     )
     record = RecordMasks()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=1,
         gradient_clip_val=3.0,
         callbacks=[record],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         limit_val_batches=0,
     )
     trainer.fit(module, datamodule=data)

@@ -4,8 +4,8 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from demo_run import demo_datamodule, quiet_trainer
 
-from lightning_registers.data import ShardDataModule
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import SupervisedModule
 
@@ -69,23 +69,16 @@ def test_short_training_on_demo_scenes_is_well_above_chance(demo_shards):
         warmup_epochs=0.2,
         crop="src",
     )
-    dm = ShardDataModule(
-        str(demo_shards / "train" / "*.tar"),
-        str(demo_shards / "val" / "*.tar"),
+    dm = demo_datamodule(
+        demo_shards,
         batch_size=32,
         num_workers=0,
         samples_per_epoch=3200,
         image_size=32,
         num_classes=10,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
     )
     trainer.fit(m, dm)
     top1 = trainer.callback_metrics["val/top1"].item()
@@ -125,9 +118,8 @@ def test_model_ema_follows_each_optimizer_step_and_is_validated_on_its_own(demo_
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append({k: v.clone() for k, v in pl_module.classifier().state_dict().items()})
 
-    dm = ShardDataModule(
-        str(demo_shards / "train" / "*.tar"),
-        str(demo_shards / "val" / "*.tar"),
+    dm = demo_datamodule(
+        demo_shards,
         batch_size=8,
         num_workers=0,
         samples_per_epoch=24,
@@ -135,14 +127,9 @@ def test_model_ema_follows_each_optimizer_step_and_is_validated_on_its_own(demo_
         image_size=32,
         num_classes=10,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        accelerator="cpu",
         callbacks=[Track()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
         limit_val_batches=2,
     )
     trainer.fit(m, dm)
@@ -161,21 +148,16 @@ def test_learning_rate_scaling_and_decay_rule_reach_the_optimizer(demo_shards):
     """lr x global batch / 512 at the world size of the run (1 here, batches of 8); the decay
     rule picks the groups."""
     m = module(num_classes=10, lr=1e-3, lr_scaling="linear", no_decay_rule="dinov2")
-    dm = ShardDataModule(
-        str(demo_shards / "train" / "*.tar"),
-        str(demo_shards / "val" / "*.tar"),
+    dm = demo_datamodule(
+        demo_shards,
         batch_size=8,
         num_workers=0,
         samples_per_epoch=8,
         image_size=32,
         num_classes=10,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
         limit_val_batches=0,
     )
     trainer.fit(m, dm)
