@@ -138,7 +138,7 @@ def analyze_backbone(
     result = {"norms": norms, "high_norm": high, "norm_summary": _norm_summary(norms, settings)}
     result["neighbours"] = stage("neighbours", lambda: neighbour_similarity(backbone, x, high, bs))
     cls, patches = output_tokens(backbone, x, bs)
-    grid = (x.shape[-2] // backbone.patch_size, x.shape[-1] // backbone.patch_size)
+    grid = backbone.patch_grid(x)
     result["probes"] = stage(
         "probes",
         lambda: {

@@ -17,7 +17,7 @@ from .tokens import batches, device_of
 @torch.no_grad()
 def patch_embeddings(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32):
     """The patch-embedding output (N, h, w, D), before position embeddings."""
-    grid = (images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size)
+    grid = backbone.patch_grid(images)
     out = [
         backbone.patch_embed(batch).float().cpu()
         for batch in batches(images, batch_size, device_of(backbone))
