@@ -258,6 +258,8 @@ def write_curves(runs: list[RunCurves], out_dir: str | Path) -> dict[str, Path]:
 def _cell(best: dict | None, scale: float, unit: str) -> str:
     if best is None:
         return "-"
+    if best["value"] == 0:
+        return "0 (at every check)"
     return f"{scale * best['value']:.2f}{unit} ({best['layer']}, step {best['step']})"
 
 
