@@ -3,7 +3,8 @@
 ``fit``/``validate``/``test``/``predict`` are LightningCLI's, configured by YAML files
 (``--config``, several merge in order); ``shards`` writes webdataset shards; ``export`` writes a
 checkpoint's backbone as one file; ``analyze`` runs the paper's measurements on checkpoints;
-``submit`` sends a fit to Slurm.
+``submit`` sends a fit to Slurm; ``curves`` draws the monitors' curves of runs; ``configs``
+lists the shipped configs, which ``--config`` also takes by name (``--config demo/supervised``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .objectives import ObjectiveModule
 from .objectives.checkpoint import check_training_checkpoint
 from .objectives.safe_load import UntrustedCheckpointError, read_checkpoint
 from .runs import RUNS_DIR, resume_checkpoint, run_version
+from .shipped_configs import configs_main, expand_config_args
 
 TRUST_HELP = (
     "also load a checkpoint that needs a full unpickler, which can run code: only one from a "
@@ -384,6 +386,7 @@ COMMANDS = {
     "analyze": analyze_main,
     "submit": submit_main,
     "curves": curves_main,
+    "configs": configs_main,
 }
 
 
@@ -394,7 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])
         else:
-            lightning_main(argv)  # None: LightningCLI reads the command line itself
+            lightning_main(expand_config_args(args))
             close_process_group()
     except FileNotFoundError as exn:
         # Missing shards or input files are the user's to fix: no traceback.

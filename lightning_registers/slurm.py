@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from .runs import run_dir, run_versions
+from .shipped_configs import resolve_config
 
 SCRIPT_NAME = "submit.sbatch"
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -184,9 +185,7 @@ def submit_main(args: list[str]) -> str | None:
     p = parser()
     opts, fit_args = p.parse_known_args(args)
     check_options(opts, fit_args, p.error)
-    for config in opts.config:
-        if not Path(config).is_file():
-            raise FileNotFoundError(f"config {config} does not exist")
+    opts.config = [resolve_config(config) for config in opts.config]
     experiment = opts.experiment or experiment_name(opts.config)
     version, run_dir = next_run_dir(experiment, Path.cwd())
     script = run_dir / SCRIPT_NAME

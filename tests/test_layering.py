@@ -15,6 +15,7 @@ LAYERS = {
     "callbacks": 2,
     "analysis": 3,
     "runs": 3,
+    "shipped_configs": 3,
     "slurm": 4,
     "cli": 5,
     "benchmarks": 6,
