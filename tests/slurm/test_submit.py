@@ -66,7 +66,7 @@ def job_log(run: Path) -> str:
 def test_dry_run_writes_the_script_and_submits_nothing(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "lightning_registers.cli", "submit", "--config",
-         str(ROOT / "configs/demo/supervised.yaml"), "--nodes", "2", "--gpus-per-node", "8",
+         "demo/supervised", "--nodes", "2", "--gpus-per-node", "8",
          "--time", "1-00:00:00", "--partition", "gpu", "--account", "vision", "--qos", "high",
          "--mem", "400G", "--dry-run", "--trainer.max_epochs", "5"],
         cwd=tmp_path, capture_output=True, text=True, check=True,
@@ -79,6 +79,7 @@ def test_dry_run_writes_the_script_and_submits_nothing(tmp_path):
     srun = "srun --nodes=2 --ntasks-per-node=8 --cpus-per-task=8 \\\n  --kill-on-bad-exit=1 "
     assert f"{srun}lightning-registers fit" in script
     assert "--trainer.devices=8 --trainer.max_epochs 5" in script and "--version=0" in script
+    assert f"--config {ROOT / 'configs/demo/supervised.yaml'}" in script  # a shipped name
     assert "submitted job" not in result.stdout
 
 
