@@ -269,11 +269,14 @@ def write_figures(
         ),
         plot_layer_statistics(
             {n: r["norm_summary"]["layers"] for n, r in results.items()},
+            rule,
             out_dir / "norms_by_layer.png",
-            "patch-token norms by block",
+            "patch-token norms by layer",
         ),
         plot_neighbour_similarity(
-            {n: r["neighbours"] for n, r in results.items()}, out_dir / "neighbour_similarity.png"
+            {n: r["neighbours"] for n, r in results.items()},
+            out_dir / "neighbour_similarity.png",
+            rule,
         ),
         plot_probes({n: r["probes"] for n, r in results.items()}, out_dir / "probes.png"),
     ]

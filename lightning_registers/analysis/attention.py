@@ -15,7 +15,8 @@ from ..measures.attention import (  # noqa: F401 (attention_on_high_norm: analys
     prefix_attention,
     query_names,
 )
-from ..measures.figures import draw_grid, plt, save_figure, save_grid_png
+from ..measures.figures import draw_grid, plt, save_grid_png
+from .figure_style import save
 from .tokens import batches, device_of
 
 
@@ -30,9 +31,10 @@ def attention_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 
     return {"attention": torch.cat(maps), "queries": query_names(backbone.num_registers)}
 
 
-def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], path: Path) -> Path:
+def draw_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]]):
     """The head-mean maps of [CLS] and every register, a panel per model (``results``: name ->
-    (``attention_maps`` result, its images)), the same images in every panel's rows."""
+    (``attention_maps`` result, its images)), the same images in every panel's rows. Returns
+    the figure."""
     panels = {
         name: attention_grids(maps["attention"], maps["queries"], images)["mean"]
         for name, (maps, images) in results.items()
@@ -45,10 +47,17 @@ def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], p
         figsize=(sum(widths) / 80 + 0.5 * len(panels), height / 80 + 0.8),
         squeeze=False,
         gridspec_kw={"width_ratios": widths},
+        layout="constrained",
     )
     for ax, (name, (image, titles)) in zip(axes[0], panels.items(), strict=True):
         draw_grid(ax, image, titles, f"{name}: last-block attention, head mean")
-    return save_figure(fig, path)
+    fig.supxlabel("a row per image; brighter: more attention", fontsize=9)
+    return fig
+
+
+def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], path: Path) -> Path:
+    """``draw_attention_side_by_side`` written to ``path``."""
+    return save(draw_attention_side_by_side(results), path)
 
 
 def plot_attention(results: dict[str, dict], images: torch.Tensor, out_dir: Path) -> list[Path]:

@@ -22,14 +22,17 @@ Choices where the reference code leaves something open or where we offer more:
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from matplotlib.patches import Patch
 from torch import nn
 
-from ..measures.figures import display_images, plt, save_figure
+from ..measures.figures import display_images, plt
+from .figure_style import save
 from .tokens import batches, device_of
 
 FEATURES = ("keys", "values", "queries")
@@ -243,22 +246,60 @@ def lost(
     }
 
 
-def plot_lost(rows: dict[str, tuple], path: Path, n: int = 8) -> Path:
+def _draw_box(ax, box: torch.Tensor, scale: float, side: tuple[int, int], **style) -> None:
+    """``box`` (pixels of the analysed image) on an ``imshow`` of ``side`` (height, width)
+    display pixels: pixel edges sit half a pixel before the centres ``imshow`` puts at whole
+    numbers, and a box on the image's edge is pulled in by its line width so it is drawn inside
+    the frame rather than under it."""
+    inset = 0.015 * max(side)
+    x0, y0, x1, y1 = (box * scale).tolist()
+    x0, y0 = max(x0, inset) - 0.5, max(y0, inset) - 0.5
+    x1, y1 = min(x1, side[1] - inset) - 0.5, min(y1, side[0] - inset) - 0.5
+    ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, zorder=3, **style))
+
+
+TRUTH_STYLE = {"edgecolor": "lime", "linewidth": 1.2}
+LOST_STYLE = {"edgecolor": "red", "linewidth": 1.5, "linestyle": "--"}
+
+
+def draw_lost(rows: dict[str, tuple], n: int = 8):
     """A row per model of ``(images, truth, boxes)``: the first ``n`` images with LOST's box
-    (red) over the ground truth (green), boxes in pixels of the drawn images."""
+    (red, dashed) over the ground truth (green), boxes in pixels of the drawn images, each
+    image titled with its best IoU. Returns the figure."""
     n = min(n, min(len(images) for images, _, _ in rows.values()))
-    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False, layout="constrained"
+    )
     for row, (name, (images, truth, boxes)) in enumerate(rows.items()):
         shown = display_images(images[:n])
         scale = shown.shape[-1] / images.shape[-1]
         for col, image in enumerate(shown):
             ax = axes[row, col]
             ax.imshow(image.permute(1, 2, 0).numpy())
-            for box, colour in [(b, "lime") for b in truth[col]] + [(boxes[col], "red")]:
-                x0, y0, x1, y1 = (box * scale).tolist()
-                ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=colour))
+            for box in truth[col]:
+                _draw_box(ax, box, scale, image.shape[-2:], **TRUTH_STYLE)
+            _draw_box(ax, boxes[col], scale, image.shape[-2:], **LOST_STYLE)
+            iou = box_iou(boxes[col], truth[col]).max().item() if len(truth[col]) else None
+            ax.set_title("no box" if iou is None else f"IoU {iou:.2f}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
-        axes[row, 0].set_ylabel(name, fontsize=7)
-    fig.suptitle("LOST boxes (red) and ground truth (green)", fontsize=10)
-    return save_figure(fig, path)
+        axes[row, 0].set_ylabel(
+            textwrap.fill(name, 16), fontsize=7, rotation=0, ha="right", va="center"
+        )
+    fig.legend(
+        handles=[
+            Patch(fill=False, label="LOST box", **LOST_STYLE),
+            Patch(fill=False, label="ground truth", **TRUTH_STYLE),
+        ],
+        loc="outside lower center",
+        ncols=2,
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle("LOST object discovery (IoU: best overlap with a ground-truth box)", fontsize=10)
+    return fig
+
+
+def plot_lost(rows: dict[str, tuple], path: Path, n: int = 8) -> Path:
+    """``draw_lost`` written to ``path``."""
+    return save(draw_lost(rows, n), path)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..measures.figures import plt, save_figure
+from ..measures.figures import plt
+from ..measures.norms import OutlierRule
 from ..measures.placement import neighbour_cosine
+from .figure_style import legend_outside, note, rule_text, save
 from .tokens import batches, device_of
 
 
@@ -42,20 +45,40 @@ def neighbour_similarity(
     }
 
 
-def plot_neighbour_similarity(results: dict[str, dict], path: Path) -> Path:
-    """Per model, histograms of neighbour similarity for normal and high-norm tokens."""
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3), squeeze=False)
+def draw_neighbour_similarity(results: dict[str, dict], rule: OutlierRule | None = None):
+    """Per model, histograms (densities) of neighbour similarity for normal and high-norm tokens
+    (by ``rule``, named in the title where given), "no high-norm tokens" written where a model
+    has none. Returns the figure."""
+    fig, axes = plt.subplots(
+        1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False, layout="constrained"
+    )
+    bins = np.linspace(-1, 1, 41)
+    kinds = {"normal": ("normal", "tab:blue"), "high_norm": ("high-norm", "tab:red")}
     for ax, (name, result) in zip(axes[0], results.items(), strict=True):
-        bins = torch.linspace(-1, 1, 41).numpy()
-        for key, colour in (("normal", "tab:blue"), ("high_norm", "tab:red")):
+        missing = []
+        for key, (label, colour) in kinds.items():
             values = result[key]
-            if len(values):
-                label = f"{key.replace('_', '-')} ({len(values)})"
-                ax.hist(
-                    values.numpy(), bins=bins, density=True, alpha=0.6, color=colour, label=label
-                )
+            if not len(values):
+                missing.append(f"no {label} tokens")
+                continue
+            text = f"{label}: {len(values)} tokens, mean {values.mean().item():.3f}"
+            ax.hist(values.numpy(), bins=bins, density=True, alpha=0.55, color=colour, label=text)
+        if missing:
+            note(ax, "\n".join(missing))
+        ax.set_xlim(-1, 1)
+        ax.set_xticks(np.linspace(-1, 1, 5))
         ax.set_title(name, fontsize=9)
-        ax.set_xlabel("cosine similarity to the 4 neighbours", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle("patch redundancy: high-norm vs normal tokens", fontsize=10)
-    return save_figure(fig, path)
+        ax.set_xlabel("cosine similarity of a patch embedding to its 4 neighbours", fontsize=8)
+        ax.set_ylabel("density (tokens per unit cosine)", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            legend_outside(ax, "below")
+    split = f" (high-norm: output {rule_text(rule)})" if rule else ""
+    fig.suptitle(f"patch redundancy: high-norm vs normal tokens{split}", fontsize=10)
+    return fig
+
+
+def plot_neighbour_similarity(
+    results: dict[str, dict], path: Path, rule: OutlierRule | None = None
+) -> Path:
+    """``draw_neighbour_similarity`` written to ``path``."""
+    return save(draw_neighbour_similarity(results, rule), path)

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..measures.figures import histogram_range, plt, save_figure
+from ..measures.figures import plt
 from ..measures.norms import OUTPUT, RULES, OutlierRule, high_norm_stats
+from .figure_style import (
+    ABSOLUTE_STYLE,
+    NO_HIGH_NORM,
+    RELATIVE_STYLE,
+    draw_thresholds,
+    legend_outside,
+    note,
+    rule_text,
+    save,
+)
 
 PERCENTILES = (1, 25, 50, 75, 99)
 SHARE_RULES = tuple(OutlierRule(kind) for kind in RULES)
@@ -41,50 +52,132 @@ def first_high_norm_layer(stats: dict[str, dict], key: str, level: float = 0.005
     return next((layer for layer in stats if layer != OUTPUT and stats[layer][key] >= level), None)
 
 
+def _positive(values: torch.Tensor) -> torch.Tensor:
+    # Log axes: a zero norm (an all-zero token) is drawn at the smallest positive one.
+    return values.flatten().float().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def draw_norm_distributions(norms: dict[str, torch.Tensor], rule: OutlierRule, title: str):
+    """Histograms of output patch-token norms, one panel per model, both axes logarithmic, with
+    both thresholds of ``rule`` (absolute: ``rule.threshold``; relative: ``rule.factor`` x the
+    median) and the share of tokens above each (paper Fig. 4). Returns the figure."""
+    fig, axes = plt.subplots(
+        1, len(norms), figsize=(4.2 * len(norms), 3.6), squeeze=False, layout="constrained"
+    )
+    for ax, (name, values) in zip(axes[0], norms.items(), strict=True):
+        values = _positive(values)
+        median = values.median().item()
+        cuts = (rule.threshold, rule.factor * median)
+        low = min(values.min().item(), *cuts) / 1.05
+        high = max(values.max().item(), *cuts) * 1.05
+        ax.hist(values.numpy(), bins=np.geomspace(low, high, 81), log=True, color="tab:blue")
+        shares = {
+            kind: OutlierRule(kind, rule.threshold, rule.factor).share(values) for kind in RULES
+        }
+        draw_thresholds(ax, rule, median, shares)
+        ax.set_xscale("log")
+        ax.set_title(f"{name} ({len(values)} tokens)", fontsize=9)
+        ax.set_xlabel("output patch-token L2 norm (log scale)", fontsize=8)
+        ax.set_ylabel("patch tokens (count, log scale)", fontsize=8)
+        legend_outside(ax, "below")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def plot_norm_distributions(
     norms: dict[str, torch.Tensor], rule: OutlierRule, path: Path, title: str
 ) -> Path:
-    """Histograms of output patch-token norms, one panel per model, log counts, with the
-    high-norm cut of ``rule`` (paper Fig. 4)."""
-    fig, axes = plt.subplots(1, len(norms), figsize=(4 * len(norms), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], norms.items(), strict=True):
-        values = values.flatten().float()
-        cut = rule.cut(values)
-        share = (values > cut).float().mean().item()
-        ax.hist(values.numpy(), bins=80, range=histogram_range(values), log=True, color="tab:blue")
-        ax.axvline(cut, color="tab:red", linestyle="--", linewidth=1)
-        ax.set_title(f"{name}\n{100 * share:.2f}% above {cut:.3g}", fontsize=9)
-        ax.set_xlabel("output patch-token norm", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    """``draw_norm_distributions`` written to ``path``."""
+    return save(draw_norm_distributions(norms, rule, title), path)
 
 
-def plot_layer_statistics(stats: dict[str, dict[str, dict]], path: Path, title: str) -> Path:
-    """Per model: norm percentiles (band p1-p99, line median) and the high-norm shares against
-    the block (paper Fig. 5a)."""
-    fig, axes = plt.subplots(2, len(stats), figsize=(4.5 * len(stats), 5.5), squeeze=False)
+def _label(text: str, label: bool) -> str | None:
+    return text if label else None
+
+
+def _draw_norms(ax, x: list[float], rows: list[dict], rule: OutlierRule, label: bool) -> None:
+    """Percentile bands, median, max and the relative threshold at ``x``, one statistics dict
+    of ``rows`` each; legend labels only where ``label``."""
+
+    def get(key: str) -> list[float]:
+        return [row[key] for row in rows]
+
+    ax.fill_between(
+        x, get("p1"), get("p99"), color="tab:blue", alpha=0.2, label=_label("p1-p99", label)
+    )
+    ax.fill_between(
+        x, get("p25"), get("p75"), color="tab:blue", alpha=0.45, label=_label("p25-p75", label)
+    )
+    ax.plot(x, get("p50"), color="black", label=_label("median", label))
+    ax.plot(x, get("max"), color="tab:orange", marker="^", markersize=3, label=_label("max", label))
+    relative = _label(f"relative threshold ({rule.factor:g} x median)", label)
+    ax.plot(x, [rule.factor * m for m in get("p50")], **RELATIVE_STYLE, label=relative)
+
+
+def _draw_shares(ax, x: list[float], rows: list[dict], rule: OutlierRule, label: bool) -> None:
+    """The high-norm share by each rule at ``x``, in %; the relative rule's larger markers ring
+    the absolute rule's where the two agree."""
+    for kind, style, marker in (
+        ("relative", RELATIVE_STYLE, {"marker": "o", "markersize": 8}),
+        ("absolute", ABSOLUTE_STYLE, {"marker": "s", "markersize": 4}),
+    ):
+        kind_rule = OutlierRule(kind, rule.threshold, rule.factor)
+        ax.plot(
+            x,
+            [100 * row[kind_rule.share_key] for row in rows],
+            **style,
+            **marker,
+            markerfacecolor="none",
+            label=_label(f"{kind} rule ({rule_text(kind_rule)})", label),
+        )
+
+
+def draw_layer_statistics(stats: dict[str, dict[str, dict]], rule: OutlierRule, title: str):
+    """Per model, against the layer (every block, then the normalized ``output``): patch-token
+    norm percentiles (bands p1-p99 and p25-p75, median, max) with both thresholds of ``rule``,
+    and the high-norm share by each rule (paper Fig. 5a). Returns the figure."""
+    fig, axes = plt.subplots(
+        2,
+        len(stats),
+        figsize=(4.5 * len(stats), 5.5),
+        squeeze=False,
+        sharex="col",
+        layout="constrained",
+    )
     for column, (name, by_layer) in enumerate(stats.items()):
-        layers = [layer for layer in by_layer if layer != OUTPUT]
-        x = range(len(layers))
+        blocks = [layer for layer in by_layer if layer != OUTPUT]
         top, bottom = axes[0, column], axes[1, column]
-
-        def get(key: str, by_layer=by_layer, layers=layers) -> list[float]:
-            return [by_layer[layer][key] for layer in layers]
-
-        top.fill_between(x, get("p1"), get("p99"), alpha=0.25, label="p1-p99")
-        top.fill_between(x, get("p25"), get("p75"), alpha=0.4, label="p25-p75")
-        top.plot(x, get("p50"), color="black", label="median")
-        top.plot(x, get("max"), color="tab:red", linestyle=":", label="max")
+        end = len(blocks)  # the output's position, after the blocks
+        rows, output = [by_layer[block] for block in blocks], by_layer[OUTPUT]
+        _draw_norms(top, list(range(end)), rows, rule, True)
+        _draw_norms(top, [end - 0.3, end + 0.3], [output, output], rule, False)
+        _draw_shares(bottom, list(range(end)), rows, rule, True)
+        _draw_shares(bottom, [end], [output], rule, False)
+        top.axhline(
+            rule.threshold, **ABSOLUTE_STYLE, label=f"absolute threshold {rule.threshold:g}"
+        )
         top.set_yscale("log")
-        top.set_xticks(list(x), [])
         top.set_title(name, fontsize=9)
-        top.set_ylabel("patch-token norm", fontsize=8)
-        top.legend(fontsize=7)
-        for key, label in ((rule.share_key, rule.kind) for rule in SHARE_RULES):
-            bottom.plot(x, [100 * v for v in get(key)], marker="o", label=label)
+        top.set_ylabel("patch-token L2 norm (log scale)", fontsize=8)
+        largest = max(100 * row[r.share_key] for row in by_layer.values() for r in SHARE_RULES)
+        bottom.set_ylim(0, max(1.0, 1.15 * largest))
+        if largest == 0:
+            note(bottom, f"{NO_HIGH_NORM} at any layer")
         bottom.set_ylabel("high-norm patch tokens (%)", fontsize=8)
-        bottom.set_xticks(list(x))
-        bottom.set_xticklabels(layers, rotation=60, fontsize=7)
-        bottom.legend(fontsize=7)
+        bottom.set_xticks(range(end + 1), [*blocks, OUTPUT], rotation=45, fontsize=7)
+        for ax in (top, bottom):
+            ax.axvline(end - 0.5, color="0.7", linewidth=0.8)
+    legend_outside(axes[0, -1])
+    legend_outside(axes[1, -1])
+    fig.supxlabel(
+        "layer: the residual stream after each block, output after the final norm", fontsize=8
+    )
     fig.suptitle(title, fontsize=10)
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_layer_statistics(
+    stats: dict[str, dict[str, dict]], rule: OutlierRule, path: Path, title: str
+) -> Path:
+    """``draw_layer_statistics`` written to ``path``."""
+    return save(draw_layer_statistics(stats, rule, title), path)

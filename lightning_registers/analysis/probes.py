@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..measures.figures import plt, save_figure
+from ..measures.figures import plt
 from ..objectives.knn import standardize
+from .figure_style import NA, legend_outside, save
 
 
 def image_split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,32 +168,82 @@ def token_classification(
     return out
 
 
-def plot_probes(results: dict[str, dict], path: Path) -> Path:
-    """Bars per model: position top-1, position distance, pixel L2 and one-token accuracy,
-    normal against high-norm tokens."""
-    panels = [
-        ("position top-1", lambda r: r["position"]["top1"]),
-        ("position distance (patches)", lambda r: r["position"]["distance"]),
-        ("pixel reconstruction L2", lambda r: r["pixels"]["l2"]),
-        (
-            "class from one token",
-            lambda r: {k: v["accuracy"] for k, v in (r["classification"] or {}).items()},
-        ),
-    ]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+# (title, y label, scale to the axis unit, the values by token kind of one model's results)
+_PANELS = [
+    ("position from one token", "top-1 accuracy (%)", 100, lambda r: r["position"]["top1"]),
+    (
+        "position from one token",
+        "mean distance to the true position (patches)",
+        1,
+        lambda r: r["position"]["distance"],
+    ),
+    (
+        "pixels from one token",
+        "L2 error of the patch's normalized pixels",
+        1,
+        lambda r: r["pixels"]["l2"],
+    ),
+    (
+        "image class from one token",
+        "test accuracy (%)",
+        100,
+        lambda r: {k: v["accuracy"] for k, v in (r["classification"] or {}).items()},
+    ),
+]
+_KIND_LABELS = {"cls": "[CLS]", "normal": "normal", "high_norm": "high-norm"}
+
+
+def draw_probes(results: dict[str, dict]):
+    """Bars per model: position top-1, position distance, pixel L2 and one-token class
+    accuracy, normal against high-norm tokens, "n/a" where a probe has no value. Returns the
+    figure."""
+    fig, axes = plt.subplots(
+        1, len(_PANELS), figsize=(4 * len(_PANELS), 3.2), squeeze=False, layout="constrained"
+    )
     names = list(results)
     width = 0.8 / max(len(names), 1)
-    for ax, (title, get) in zip(axes[0], panels, strict=True):
+    missing = False
+    for ax, (title, ylabel, scale, get) in zip(axes[0], _PANELS, strict=True):
         kinds = (
-            ["cls", "normal", "high_norm"] if title.startswith("class") else ["normal", "high_norm"]
+            ["cls", "normal", "high_norm"] if title.startswith("image") else ["normal", "high_norm"]
         )
         for i, name in enumerate(names):
             values = get(results[name])
-            heights = [values.get(k) or 0.0 for k in kinds]
-            ax.bar([j + i * width for j in range(len(kinds))], heights, width, label=name)
+            x = [j + i * width for j in range(len(kinds))]
+            heights = [values.get(k) for k in kinds]
+            drawn = [(at, scale * h) for at, h in zip(x, heights, strict=True) if h is not None]
+            bars = ax.bar(
+                [at for at, _ in drawn], [h for _, h in drawn], width, label=name, color=f"C{i}"
+            )
+            ax.bar_label(bars, fmt="{:.3g}", fontsize=7)  # a value near 0 is not a missing one
+            for at, h in zip(x, heights, strict=True):
+                if h is None:
+                    missing = True
+                    ax.text(
+                        at, 0.02, NA, transform=ax.get_xaxis_transform(), ha="center", fontsize=8
+                    )
         ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(kinds))])
-        ax.set_xticklabels([k.replace("_", "-") for k in kinds], fontsize=8)
+        ax.set_xticklabels([_KIND_LABELS[k] for k in kinds], fontsize=8)
+        ax.set_xlim(-0.5, len(kinds) - 0.5 + width * (len(names) - 1))
+        if scale == 100:
+            ax.set_ylim(0, 105)
+        ax.set_xlabel("test token", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.set_title(title, fontsize=9)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle("linear probes on single tokens", fontsize=10)
-    return save_figure(fig, path)
+    legend_outside(axes[0, -1])
+    if missing:
+        fig.text(
+            0.5,
+            -0.02,
+            f"{NA}: no test token of that kind (the image class also needs labels of two classes)",
+            ha="center",
+            va="top",
+            fontsize=8,
+        )
+    fig.suptitle("linear probes on single output tokens (fitted on half the images)", fontsize=10)
+    return fig
+
+
+def plot_probes(results: dict[str, dict], path: Path) -> Path:
+    """``draw_probes`` written to ``path``."""
+    return save(draw_probes(results), path)
