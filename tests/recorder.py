@@ -32,14 +32,16 @@ class RecordOutputs(Callback):
 
 
 class RecordLosses(Callback):
-    """Appends ``step loss`` (full precision) to ``path`` after every training batch."""
+    """Appends ``step loss`` (full precision) of rank 0 to ``path`` after every training
+    batch."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {outputs['loss'].item()!r}\n")
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step} {outputs['loss'].item()!r}\n")
 
 
 class KillAt(Callback):

@@ -1,5 +1,5 @@
 """DDP and FSDP2 across 2 gloo processes through the CLI; sharded checkpoints load, export and
-resume, in float32 and in bf16 mixed precision."""
+resume, in float32 and in bf16 mixed precision; compiled blocks train as eager ones."""
 
 import os
 import subprocess
@@ -10,6 +10,7 @@ import torch
 from demo_run import ROOT, demo_data, write_yaml
 from ports import free_port
 from recorder import probe_images
+from test_resume import losses
 
 from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import load_objective
@@ -33,12 +34,15 @@ PER_OBJECTIVE = {
 }
 
 
-def run_cli(tmp_path, demo_shards, objective, strategy, *extra, precision="32-true"):
-    """``lightning-registers fit`` of the demo config, shrunk, on 2 CPU processes."""
+def run_cli(tmp_path, demo_shards, objective, strategy, *extra, precision="32-true", env=()):
+    """``lightning-registers fit`` of the demo config, shrunk, on 2 CPU processes; the final
+    backbone output goes to ``out.pt``, rank 0's losses to ``losses.txt``."""
     override = {
         "trainer": {"callbacks": [
             {"class_path": "recorder.RecordOutputs",
              "init_args": {"path": str(tmp_path / "out.pt")}},
+            {"class_path": "recorder.RecordLosses",
+             "init_args": {"path": str(tmp_path / "losses.txt")}},
         ]},
         "model": {"init_args": {**TINY_MODEL, **PER_OBJECTIVE[objective]}},
         "data": demo_data(demo_shards),
@@ -57,6 +61,7 @@ def run_cli(tmp_path, demo_shards, objective, strategy, *extra, precision="32-tr
         command.append("--trainer.strategy.init_args.process_group_backend=gloo")
     env = {
         **os.environ,
+        **dict(env),
         "MASTER_PORT": str(free_port()),
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
     }
@@ -123,3 +128,31 @@ def test_fsdp2_with_activation_checkpointing_saves_sharded_checkpoints_that_load
     resumed = torch.load(last / "meta.pt", weights_only=True)
     assert resumed["global_step"] == 6 and resumed["epoch"] == 2  # continued, not restarted
     assert checkpoint_entries(last.parent) == set()  # replaced directories deleted
+
+
+@pytest.mark.parametrize(
+    ("objective", "strategy", "extra"),
+    [
+        ("supervised", "ddp", ()),
+        ("dino", "fsdp", ("--model.init_args.backbone.init_args.grad_checkpointing=true",)),
+    ],
+)
+def test_compiled_blocks_train_as_eager_ones_under_ddp_and_fsdp2(
+    objective, strategy, extra, tmp_path, demo_shards
+):
+    results = {}
+    for compiled in (False, True):
+        where = tmp_path / f"compile_{compiled}"
+        where.mkdir()
+        kernels = where / "inductor"
+        run_cli(where, demo_shards, objective, strategy, *extra, "--trainer.max_epochs=1",
+                f"--model.init_args.compile={compiled}",
+                env={"TORCHINDUCTOR_CACHE_DIR": str(kernels)})  # fmt: skip
+        generated = [p for p in kernels.rglob("*.py") if p.is_file()]
+        assert bool(generated) == compiled  # inductor wrote kernels only when asked to
+        results[compiled] = losses(where / "losses.txt"), torch.load(where / "out.pt")
+    (eager_losses, eager), (compiled_losses, compiled) = results[False], results[True]
+    assert sorted(eager_losses) == sorted(compiled_losses) == [1, 2]
+    for step, loss in eager_losses.items():
+        assert compiled_losses[step] == pytest.approx(loss, rel=1e-4)
+    torch.testing.assert_close(compiled["output"], eager["output"], rtol=1e-4, atol=1e-4)

@@ -78,6 +78,8 @@ class ClipModule(ObjectiveModule):
             open_clip_train (token and position embeddings decay).
         zeroshot_templates: prompts of the zero-shot classifier, "simple" or "openai" (the 80
             templates open_clip_train evaluates ImageNet with).
+        compile: compile each transformer block with ``torch.compile`` (regional
+            compilation, see ``ObjectiveModule.configure_model``); checkpoints are the same.
     """
 
     monitor = "val/zeroshot_top1"
@@ -110,6 +112,7 @@ class ClipModule(ObjectiveModule):
         eps: float = 1e-6,
         no_decay_rule: str = "tokens",
         zeroshot_templates: str = "simple",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_choice("loss", loss, LOSSES)

@@ -80,6 +80,8 @@ class DinoModule(ObjectiveModule):
         knn_k / knn_temperature: k-NN evaluation.
         knn_train_samples: training-shard samples (over all ranks) that k-NN and the probe fit.
         linear_probe_steps: full-batch steps of the linear probe (0 skips it).
+        compile: compile each transformer block with ``torch.compile`` (regional
+            compilation, see ``ObjectiveModule.configure_model``); checkpoints are the same.
     """
 
     monitor = "val/knn_top1"
@@ -136,6 +138,7 @@ class DinoModule(ObjectiveModule):
         knn_temperature: float = 0.07,
         knn_train_samples: int = 10000,
         linear_probe_steps: int = 300,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_choice("centering", centering, CENTERINGS)

@@ -57,6 +57,8 @@ class SupervisedModule(ObjectiveModule):
         lr_base_batch: the global batch ``lr`` is given for (DeiT: 512).
         model_ema_decay: keep an EMA of backbone and head with this decay, updated after every
             optimizer step (DeiT: 0.99996); None keeps none.
+        compile: compile each transformer block with ``torch.compile`` (regional
+            compilation, see ``ObjectiveModule.configure_model``); checkpoints are the same.
     """
 
     monitor = "val/top1"
@@ -87,6 +89,7 @@ class SupervisedModule(ObjectiveModule):
         lr_scaling: str | None = None,
         lr_base_batch: int = 512,
         model_ema_decay: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_choice("head_pool", head_pool, HEAD_POOLS)
