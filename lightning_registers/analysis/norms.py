@@ -47,7 +47,12 @@ def layer_statistics(
     }
 
 
-def first_high_norm_layer(stats: dict[str, dict], key: str, level: float = 0.005) -> str | None:
+FIRST_LEVEL = 0.005  # the high-norm share from which a block counts as having high-norm tokens
+
+
+def first_high_norm_layer(
+    stats: dict[str, dict], key: str, level: float = FIRST_LEVEL
+) -> str | None:
     """The first block whose high-norm share (``key``) reaches ``level``, or None."""
     return next((layer for layer in stats if layer != OUTPUT and stats[layer][key] >= level), None)
 

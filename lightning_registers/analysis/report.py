@@ -1,5 +1,5 @@
 """``summary.json`` (every scalar of an analysis) and ``summary.md`` (the main ones in tables,
-a column per checkpoint)."""
+a column per checkpoint, the reason for each empty cell under its table)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,22 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..measures.norms import OutlierRule
+from .figure_style import rule_text
+from .norms import FIRST_LEVEL
+
 _LOST_KEYS = ("corloc", "corloc_centred", "evaluated", "k")
+_MISSING = "–"
+_SUPERSCRIPTS = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+_TOKEN_WORDS = {"patches": "patch tokens", "all": "tokens"}
 
 
 def _percent(value) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
+    return f"{100 * value:.2f}"
 
 
 def _number(value, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}g}"
+    return f"{value:.{digits}g}"
 
 
 def _search_summary(search: dict) -> dict:
@@ -64,9 +71,66 @@ def model_summary(result: dict, loaded, images) -> dict:
 
 
 def _dig(tree, path: str):
+    """The value at a dotted ``path``, None where it or a part above it is missing."""
     for key in path.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
         tree = tree[key]
     return tree
+
+
+def _search_cut(search: dict) -> str:
+    return f"{search['threshold']:g}" if "threshold" in search else f"{search['factor']:g} x median"
+
+
+def _why_missing(path: str, model: dict, settings: dict) -> str:
+    """Why ``model``'s value at ``path`` is missing, in words."""
+    split = rule_text(OutlierRule(settings["rule"], settings["threshold"], settings["factor"]))
+    ttr = model["test_time_registers"]
+    kind = "high-norm" if "high_norm" in path else "normal"
+    if path.startswith("test_time_registers") and not ttr["neurons"]:
+        search = ttr["search"]
+        tokens = _TOKEN_WORDS.get(search["tokens"], search["tokens"])
+        return (
+            f"not run: no register neurons to move, as none of the {tokens} is above "
+            f"{_search_cut(search)} after block {search['layer']}"
+        )
+    if path == "norms.first_high_norm_block.relative":
+        return (
+            f"no block has {100 * FIRST_LEVEL:g} % of its patch tokens above "
+            f"{settings['factor']:g} x its median norm"
+        )
+    if path.startswith("probes.classification"):
+        if model["probes"]["classification"] is None:
+            return "not run: the class probe needs labels of at least two classes"
+        which = path.split(".")[2]
+        if model["probes"]["classification"][which]["test_images"] == 0:
+            return f"no test image has a {kind} token ({split})"
+        return f"fewer than two classes among the training images with a {kind} token"
+    if path.startswith("probes"):
+        return f"no {kind} token among the probes' test images ({split})"
+    if path.startswith("lost"):
+        return "no image with a ground-truth box to score"
+    return f"no {kind} output patch tokens ({split})"
+
+
+class _Notes:
+    """The reasons for a table's empty cells, numbered in order of first use."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def mark(self, reason: str) -> str:
+        """An empty cell pointing to ``reason``."""
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return _MISSING + str(self.reasons.index(reason) + 1).translate(_SUPERSCRIPTS)
+
+    def lines(self) -> list[str]:
+        return [
+            f"- {_MISSING}{str(i).translate(_SUPERSCRIPTS)}: {reason}."
+            for i, reason in enumerate(self.reasons, 1)
+        ]
 
 
 # (label, dotted paths into a model summary, format, separator); "ttr" = test-time registers.
@@ -85,7 +149,12 @@ _MAIN_ROWS = [
         "",
     ),
     ("output norm median / max", ["norms.output.p50", "norms.output.max"], _number, " / "),
-    ("first block with high-norm tokens", ["norms.first_high_norm_block.relative"], str, ""),
+    (
+        "first block with high-norm tokens (relative rule)",
+        ["norms.first_high_norm_block.relative"],
+        str,
+        "",
+    ),
     (
         "neighbour cosine, high-norm / normal",
         ["neighbour_similarity.high_norm", "neighbour_similarity.normal"],
@@ -154,16 +223,24 @@ _TTR_ROWS = [
 ]
 
 
-def _table(title: str, rows: list, models: dict) -> list[str]:
+def _table(title: str, rows: list, models: dict, settings: dict) -> list[str]:
+    """A markdown table, a column per model, each empty cell marked with its reason, the
+    reasons listed under the table."""
+    notes = _Notes()
     lines = [f"| {title} | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for label, paths, fmt, sep in rows:
         cells = []
-        for summary in models.values():
-            try:
-                cells.append(sep.join(fmt(_dig(summary, path)) for path in paths))
-            except (KeyError, TypeError):
-                cells.append("–")
+        for model in models.values():
+            values = [(path, _dig(model, path)) for path in paths]
+            cells.append(
+                sep.join(
+                    notes.mark(_why_missing(path, model, settings)) if value is None else fmt(value)
+                    for path, value in values
+                )
+            )
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if notes.reasons:
+        lines += ["", *notes.lines()]
     return lines
 
 
@@ -171,10 +248,9 @@ def _neurons(summary: dict) -> str:
     ttr = summary["test_time_registers"]
     search = ttr["search"]
     family = f", {search['family']}" if search["family"] else ""
-    cut = search.get("threshold", f"{search.get('factor')} x median")
     how = (
-        f" (outliers: {search['tokens']} tokens above {cut} after block {search['layer']}"
-        f"{family}; blocks up to {search['top_layer']}; values {search['values']})"
+        f" (outliers: {search['tokens']} tokens above {_search_cut(search)} after block "
+        f"{search['layer']}{family}; blocks up to {search['top_layer']}; values {search['values']})"
     )
     if not ttr["neurons"]:
         return "none (no outliers)" + how
@@ -207,11 +283,11 @@ def markdown(summary: dict) -> str:
         f"tokens in the split measures: {settings['rule']} rule (absolute: norm > "
         f"{settings['threshold']:g}; relative: norm > {settings['factor']:g} x median).",
         "",
-        *_table("measure", _MAIN_ROWS, models),
+        *_table("measure", _MAIN_ROWS, models, settings),
         "",
         "## Test-time registers (before → after)",
         "",
-        *_table("", _TTR_ROWS, models),
+        *_table("", _TTR_ROWS, models, settings),
         "",
         "Register neurons (block:neuron): "
         + "; ".join(f"{name}: {_neurons(m)}" for name, m in models.items()),
