@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ..callbacks.dashboard import ARTIFACTS, PRESENT, read_value
 from ..callbacks.emergence import EVENTS_FILE
 from ..measures.figures import plt, save_figure
 from ..measures.norms import OUTPUT, OutlierRule
@@ -27,13 +28,14 @@ DRAWN = (OutlierRule("relative").share_key, "max_over_median")
 LABELS = {DRAWN[0]: "high-norm share (norm > 3 x median)", DRAWN[1]: "max / median norm"}
 EVENT_TEXT = re.compile(r"step (\d+): high-norm artifacts (emerged|vanished) in (\S+) \((\S+):")
 EVENT_STYLE = {"emerged": ("tab:red", "--"), "vanished": ("tab:gray", ":")}
+LAYER = re.compile(rf"block\d+|{OUTPUT}")
 Series = list[tuple[int, float]]
 
 
 @dataclass
 class RunCurves:
     """The monitors' scalars of one run: ``layers[backbone][layer][key]`` and
-    ``present[backbone]`` as (step, value) series, and its emergence events."""
+    ``present[backbone]`` as (step, value) series (shares 0..1), and its emergence events."""
 
     name: str
     path: Path
@@ -69,15 +71,18 @@ def read_run(path: str | Path, name: str | None = None) -> RunCurves:
     accumulator.Reload()
     tags = accumulator.Tags()
     for tag in tags["scalars"]:
-        parts = tag.split("/")
-        if parts[0] != "artifacts" or len(parts) not in (3, 4):
+        parsed = parse_tag(tag)
+        if parsed is None:
             continue
-        series = [(e.step, e.value) for e in accumulator.Scalars(tag)]
-        if len(parts) == 4:
-            _, backbone, layer, key = parts
+        backbone, key, layer, percent = parsed
+        series = [
+            (e.step, read_value(key, e.value) if percent else e.value)
+            for e in accumulator.Scalars(tag)
+        ]
+        if layer:
             run.layers.setdefault(backbone, {}).setdefault(layer, {})[key] = series
-        elif parts[2] == "present":
-            run.present[parts[1]] = series
+        elif key == PRESENT:
+            run.present[backbone] = series
     events_file = folder / EVENTS_FILE
     if events_file.is_file():
         lines = events_file.read_text().splitlines()
@@ -92,10 +97,26 @@ def read_run(path: str | Path, name: str | None = None) -> RunCurves:
                 )
     if not run.layers:
         raise ValueError(
-            f"run {folder} has no monitor scalars (artifacts/NAME/LAYER/...): was a "
+            f"run {folder} has no monitor scalars (artifacts/NAME/KEY/LAYER): was a "
             "TokenNormMonitor among its callbacks?"
         )
     return run
+
+
+def parse_tag(tag: str) -> tuple[str, str, str | None, bool] | None:
+    """(backbone, key, layer, whether its shares are in percent) of a monitor scalar
+    ``artifacts/NAME/KEY/LAYER`` (layer None for ``artifacts/NAME/KEY``), or None for any other
+    tag. Runs logged with the layer before the key (``artifacts/NAME/LAYER/KEY``, shares as
+    0..1) are read as well."""
+    parts = tag.split("/")
+    if parts[0] != ARTIFACTS or len(parts) not in (3, 4):
+        return None
+    if len(parts) == 3:
+        return parts[1], parts[2], None, False
+    _, backbone, key, layer = parts
+    if LAYER.fullmatch(key):
+        return backbone, layer, key, False
+    return backbone, key, layer, True
 
 
 def layer_order(layers) -> list[str]:

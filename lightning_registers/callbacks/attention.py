@@ -15,11 +15,12 @@ from .probe import ProbeCallback
 
 class AttentionMapMonitor(ProbeCallback):
     """Last-block attention of [CLS] and of each register over the patches, drawn as heat maps
-    over the probe images (each map on its own colour scale).
+    beside the probe images (``measures.attention.attention_grids``: in multiples of uniform
+    attention, one colour scale per grid, its colour bar beside it, each column titled).
 
     Logged per watched backbone NAME: ``attention/NAME/mean`` (a row per image: the image, then
     the head-mean map of [CLS] and of each register) and ``attention/NAME/heads_QUERY`` for
-    QUERY in ``cls``, ``reg0``, ... (a row per image, a column per head).
+    QUERY in ``cls``, ``reg0``, ... (a row per image: the image, then a column per head).
 
     Args:
         every_n_steps: cadence in optimizer steps.
@@ -36,8 +37,8 @@ class AttentionMapMonitor(ProbeCallback):
         return {"attention": attention, "queries": query_names(backbone.num_registers)}
 
     def grids(self, result: dict, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, list]]:
-        """The images to draw, by tag suffix: (grid, column titles)."""
-        return attention_grids(result["attention"], result["queries"], images)
+        """The labelled images to draw, by tag suffix: (image, column titles)."""
+        return attention_grids(result["attention"], result["queries"], images, labelled=True)
 
     def report(self, writer, name: str, result: dict, images: torch.Tensor, step: int) -> None:
         for suffix, (image, _) in self.grids(result, images).items():
@@ -49,8 +50,8 @@ class AttentionMapMonitor(ProbeCallback):
         paths = []
         for name, result in self.results.items():
             step = result["step"] if step is None else step
-            for suffix, (image, titles) in self.grids(result, self.probe).items():
+            for suffix, (image, _) in self.grids(result, self.probe).items():
                 path = out_dir / f"attention_{suffix}_{name}_step{step:07d}.png"
                 title = f"{name}, step {step}: last-block attention ({suffix})"
-                paths.append(save_grid_png(image, titles, path, title))
+                paths.append(save_grid_png(image, [], path, title))
         return paths

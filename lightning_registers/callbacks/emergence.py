@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..measures.norms import OUTPUT, RULES
 from ..measures.signature import ArtifactSignature
+from .dashboard import PRESENT, scalar_tag
 from .norms import TokenNormMonitor
 from .probe import monitored_backbones, run_dir, tensorboard
 
@@ -23,6 +24,13 @@ EVENT_KEYS = (
     "neighbour_cosine_normal",
     "cls_attention_on_high_norm",
 )
+FAILURES = {
+    "few": "not few",
+    "late": "from the first blocks on",
+    "background": "on objects",
+    "redundant": "not on redundant patches",
+}
+"""The ``ArtifactSignature`` conditions a layer fails, in words."""
 
 
 class ArtifactEmergence(Callback):
@@ -41,7 +49,8 @@ class ArtifactEmergence(Callback):
     ``<run dir>/artifact_events.jsonl`` with the layer, its share, the layer where the tokens
     first appear, their share on the background, the neighbour similarity of them and of the
     other tokens, and the [CLS] attention on them; the scalar ``artifacts/NAME/present`` is 1
-    while artifacts are present.
+    while artifacts are present (a chart of the monitor's ``Artifacts`` dashboard), and the
+    monitor's status text at every check starts with this judgement (``verdict``).
 
     Args:
         level: share of patch tokens (0..1) that a counting check must exceed.
@@ -93,6 +102,7 @@ class ArtifactEmergence(Callback):
         self.streak: dict[str, list[int]] = {}
         self.emerged_at: dict[str, str] = {}
         """The layer named by each backbone's last emergence."""
+        self.verdicts: dict[str, str] = {}
         self.events: list[dict] = []
         self.trainer: L.Trainer | None = None
 
@@ -113,15 +123,19 @@ class ArtifactEmergence(Callback):
                     f"ArtifactEmergence.layer {self.layer!r} is not watched by the "
                     f"TokenNormMonitor (layers: {', '.join(layers)}; or {ANY_LAYER!r})"
                 )
-        if self.update not in monitor.subscribers:
-            monitor.subscribers.append(self.update)
+        if self not in monitor.subscribers:
+            monitor.subscribers.append(self)
         self.trainer = trainer
+
+    def judged_layers(self, signature: dict) -> list[str]:
+        """The layers of a monitor result's ``signature`` that this judge looks at."""
+        return list(signature) if self.layer == ANY_LAYER else [self.layer]
 
     def artifact_layer(self, result: dict) -> str | None:
         """The watched layer of a monitor ``result`` whose high-norm tokens look like artifacts
         (the one with the largest share where several do), or None."""
         signature = result["signature"]
-        layers = list(signature) if self.layer == ANY_LAYER else [self.layer]
+        layers = self.judged_layers(signature)
         found = [
             layer
             for layer in layers
@@ -156,8 +170,33 @@ class ArtifactEmergence(Callback):
             }
             self.events.append(event)
             streak.clear()
+        self.verdicts[name] = self._verdict(name, result, found, len(streak))
         self._record(step, name, present, event)
         return event
+
+    def _verdict(self, name: str, result: dict, found: str | None, streak: int) -> str:
+        if self.present.get(name, False):
+            since = next(e["step"] for e in reversed(self.events) if e["backbone"] == name)
+            state = f"artifacts present at {self.emerged_at[name]} since step {since}"
+            return state + (f" (gone for {streak} of {self.patience} checks)" if streak else "")
+        if found is not None:
+            return f"no artifacts yet (like artifacts at {found} for {streak} of {self.patience})"
+        signature = result["signature"]
+        layers = reversed(self.judged_layers(signature))
+        layer = max(layers, key=lambda layer: signature[layer]["share"])
+        if signature[layer]["share"] == 0:
+            return "no artifacts"
+        failed = self.signature.failures(signature[layer], result["depth"])
+        return f"no artifacts (at {layer}: {', '.join(FAILURES[f] for f in failed)})"
+
+    def verdict(self, name: str) -> str:
+        """The judgement of backbone ``name``'s latest check as a phrase (``no artifacts``, why
+        not where there are high-norm tokens, or since when they are present)."""
+        return self.verdicts.get(name, "not checked yet")
+
+    def charts(self, name: str) -> dict[str, list[str]]:
+        """The dashboard chart of backbone ``name``'s state: 1 while artifacts are present."""
+        return {f"{name}: artifacts present (1) or not (0)": [f"^{scalar_tag(name, PRESENT)}$"]}
 
     def _record(self, step: int, name: str, present: bool, event: dict | None) -> None:
         trainer = self.trainer
@@ -165,7 +204,7 @@ class ArtifactEmergence(Callback):
             return
         writer = tensorboard(trainer)
         if writer is not None:
-            writer.add_scalar(f"artifacts/{name}/present", float(present), step)
+            writer.add_scalar(scalar_tag(name, PRESENT), float(present), step)
         if event is None:
             return
         if writer is not None:

@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .figures import display_images, grid, overlay
+from .figures import ColourScale, display_images, grid, labelled_grid
 
 
 def query_names(num_registers: int) -> list[str]:
@@ -55,17 +55,33 @@ def attention_on_high_norm(attention: torch.Tensor, high_norm: torch.Tensor) -> 
 
 
 def attention_grids(
-    attention: torch.Tensor, queries: list[str], images: torch.Tensor
+    attention: torch.Tensor, queries: list[str], images: torch.Tensor, labelled: bool = False
 ) -> dict[str, tuple[torch.Tensor, list[str]]]:
-    """Grids of ``prefix_attention`` maps over their images, by name: ``mean`` (the image, then
-    the head-mean map of each query) and ``heads_QUERY`` (a column per head); with their column
-    titles."""
+    """Grids of ``prefix_attention`` maps beside their images, by name: ``mean`` (the image,
+    then the head-mean map of each query) and ``heads_QUERY`` (the image, then a column per
+    head); with their column titles.
+
+    A map shows each patch's share of the query's attention over the patches times the number
+    of patches (1: uniform attention), every map of a grid on one colour scale from 0 to the
+    grid's largest value (at least 2), so that maps of one grid compare and a flat map stays
+    dark. ``labelled`` writes the titles above the columns and the colour bar beside the grid
+    (``labelled_grid``); else the grid alone (``grid``)."""
     images = images[: len(attention)]
-    mean = attention.mean(dim=1)
-    columns = [display_images(images)] + [overlay(images, mean[:, q]) for q in range(len(queries))]
-    out = {"mean": (grid(columns), ["image", *queries])}
+    shown = display_images(images)
+    maps = attention.float() / attention.float().sum(dim=(-2, -1), keepdim=True)
+    maps = maps * attention.shape[-2] * attention.shape[-1]
     heads = range(attention.shape[1])
+    panels = {"mean": (maps.mean(dim=1), queries)}
     for q, query in enumerate(queries):
-        columns = [overlay(images, attention[:, h, q]) for h in heads]
-        out[f"heads_{query}"] = (grid(columns), [f"head {h}" for h in heads])
+        panels[f"heads_{query}"] = (maps[:, :, q], [f"head {h}" for h in heads])
+    out = {}
+    for name, (panel, titles) in panels.items():
+        top = max(2.0, panel.max().item())
+        scale = ColourScale(0.0, top, "attention\n× uniform", ticks=(1.0,))
+        columns = [
+            shown,
+            *(scale.colour(panel[:, c], shown.shape[-2:]) for c in range(len(titles))),
+        ]
+        titles = ["image", *titles]
+        out[name] = (labelled_grid(columns, titles, scale) if labelled else grid(columns), titles)
     return out

@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 DISPLAY_SIDE = 96
+PADDING = 2
+"""Pixels between the cells of a ``grid``."""
+FONT_SIZE = 11
+BAR = 10
+"""Width of a colour bar in pixels (with a gap as wide before it)."""
 
 
 def display_images(images: torch.Tensor) -> torch.Tensor:
@@ -50,17 +59,140 @@ def heatmaps(
     return torch.from_numpy(rgba[..., :3]).permute(0, 3, 1, 2).float()
 
 
-def overlay(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
-    """Each map (B, h, w), scaled to its own range, blended over its display image."""
-    shown = display_images(images)
-    colored = torch.stack([heatmaps(m[None], shown.shape[-2:])[0] for m in maps])
-    return (1 - alpha) * shown + alpha * colored
-
-
 def grid(columns: Sequence[torch.Tensor]) -> torch.Tensor:
     """One image (3, H, W) with a row per probe image and the given columns (each B, 3, h, w)."""
     rows = torch.stack(list(columns), dim=1).flatten(0, 1)
-    return make_grid(rows, nrow=len(columns), padding=2, pad_value=1.0)
+    return make_grid(rows, nrow=len(columns), padding=PADDING, pad_value=1.0)
+
+
+@dataclass(frozen=True)
+class ColourScale:
+    """One colour scale for maps drawn together: values ``vmin``..``vmax`` through ``cmap``
+    (beyond them, the end colours); its colour bar is titled ``label`` and marks ``ticks``
+    besides both ends."""
+
+    vmin: float
+    vmax: float
+    label: str
+    ticks: tuple[float, ...] = ()
+    cmap: str = "inferno"
+
+    def colour(self, maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``heatmaps`` of ``maps`` (B, h, w) on this scale, upsampled to ``size``."""
+        return heatmaps(maps, size, self.vmin, self.vmax, self.cmap)
+
+
+@lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _fitted(text: str, width: float):
+    """The largest font, down to 7 px, in which every line of ``text`` fits ``width``."""
+    for size in range(FONT_SIZE, 6, -1):
+        font = _font(size)
+        if max(font.getlength(line) for line in text.split("\n")) <= width:
+            return font
+    return font
+
+
+def _to_image(image: torch.Tensor) -> Image.Image:
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def labelled_grid(
+    columns: Sequence[torch.Tensor], titles: Sequence[str], scale: ColourScale | None = None
+) -> torch.Tensor:
+    """A ``grid`` of ``columns`` (3, H, W) with each column's title (lines split at ``\\n``)
+    written above it and, for maps drawn on ``scale``, its colour bar on the right."""
+    body = grid(columns)
+    height, width = body.shape[-2:]
+    line = FONT_SIZE + 2
+    texts = [*titles, *([scale.label] if scale else [])]
+    header = line * max(text.count("\n") + 1 for text in texts) + 4
+    bar, footer = (_colour_bar_width(scale), FONT_SIZE // 2) if scale else (0, 0)
+    canvas = Image.new("RGB", (width + bar, height + header + footer), "white")
+    canvas.paste(_to_image(body), (0, header))
+    draw = ImageDraw.Draw(canvas)
+    cell = (width - PADDING) / len(columns)
+    for i, title in enumerate(titles):
+        font = _fitted(title, cell - PADDING)
+        centre = PADDING / 2 + (i + 0.5) * cell
+        for j, text in enumerate(title.split("\n")):
+            draw.text((centre, 2 + j * line), text, fill="black", font=font, anchor="mt")
+    if scale:
+        _draw_colour_bar(canvas, scale, width, header, height, line)
+    pixels = torch.from_numpy(np.asarray(canvas).copy())
+    return pixels.permute(2, 0, 1).float() / 255
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _tick_values(scale: ColourScale) -> list[float]:
+    inside = [t for t in scale.ticks if scale.vmin < t < scale.vmax]
+    return [scale.vmin, scale.vmax, *inside]
+
+
+def _colour_bar_width(scale: ColourScale) -> int:
+    font = _font(FONT_SIZE)
+    labels = [_tick_label(t) for t in _tick_values(scale)] + scale.label.split("\n")
+    return 2 * BAR + 4 + math.ceil(max(font.getlength(t) for t in labels)) + 4
+
+
+def _draw_colour_bar(
+    canvas: Image.Image, scale: ColourScale, left: int, top: int, height: int, line: int
+) -> None:
+    """The bar of ``scale`` from ``top`` over the grid's ``height`` (high values up), its ticks
+    labelled on its right, its label above it; ticks that would overlap a drawn one are left
+    out (the ends first)."""
+    font = _font(FONT_SIZE)
+    x0, y0, y1 = left + BAR, top + PADDING, top + height - PADDING
+    values = np.linspace(1, 0, y1 - y0)[:, None].repeat(BAR, axis=1)
+    colours = (matplotlib.colormaps[scale.cmap](values)[..., :3] * 255).round().astype(np.uint8)
+    canvas.paste(Image.fromarray(colours), (x0, y0))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(scale.label.split("\n")):
+        draw.text((x0, 2 + j * line), text, fill="black", font=font)
+    placed: list[float] = []
+    for value in _tick_values(scale):
+        fraction = (value - scale.vmin) / max(scale.vmax - scale.vmin, 1e-12)
+        y = y1 - 1 - fraction * (y1 - y0 - 1)
+        if any(abs(y - other) < FONT_SIZE for other in placed):
+            continue
+        placed.append(y)
+        draw.line((x0 + BAR, y, x0 + BAR + 3, y), fill="black")
+        draw.text((x0 + BAR + 5, y), _tick_label(value), fill="black", font=font, anchor="lm")
+
+
+def norm_map_grid(
+    images: torch.Tensor,
+    patch_norms: dict[str, torch.Tensor],
+    grid_size: Sequence[int],
+    factor: float = 3.0,
+) -> torch.Tensor:
+    """``images`` (N, 3, H, W) beside the patch-norm maps of each layer of ``patch_norms``
+    (layer -> norms (B, P) over the probe batch, whose first N rows are drawn), each column
+    labelled with its layer and the min, median and max norm over the batch.
+
+    A map shows norm / median of its layer (the median of the relative rule), every map on one
+    colour scale from 0 to the largest ratio drawn, at least ``factor`` (the rule's cut, marked
+    on the colour bar with the median's 1): a layer whose norms all lie near its median is one
+    even colour, however small its spread in absolute terms."""
+    shown = display_images(images)
+    count = len(images)
+    ratios, titles = [], ["image"]
+    for layer, norms in patch_norms.items():
+        norms = norms.detach().float().cpu()
+        median = norms.median()
+        ratios.append((norms[:count] / median.clamp_min(1e-12)).reshape(count, *grid_size))
+        titles.append(f"{layer}\nmin {norms.min():.4g}\nmedian {median:.4g}\nmax {norms.max():.4g}")
+    top = max(factor, *(ratio.max().item() for ratio in ratios))
+    scale = ColourScale(0.0, top, "norm /\nmedian", ticks=(1.0, factor))
+    columns = [shown, *(scale.colour(ratio, shown.shape[-2:]) for ratio in ratios)]
+    return labelled_grid(columns, titles, scale)
 
 
 def save_figure(fig, path: Path) -> Path:

@@ -14,9 +14,11 @@ from demo_run import quiet_trainer
 from lightning.pytorch.callbacks import LambdaCallback
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_registers.data import ShardDataModule
 from lightning_registers.data.writers import write_shards
+from lightning_registers.models import RegisterViT
 from lightning_registers.objectives import SupervisedModule
 
 OBJECT_BOX = (24, 24, 40, 40)  # pixels: patch rows 3-4, columns 3-4
@@ -24,6 +26,30 @@ OBJECT_PATCHES = (27, 28, 36)  # three patches of the object
 BACKGROUND_PATCHES = PLANTED  # their 3x3 neighbourhoods are all background
 SWITCH_STEP = 4  # the shared switched-on runs (conftest.py): planted tokens on after this step
 MAX_STEPS = 12
+REGISTERS = 2  # of tiny_backbone
+
+
+def tiny_backbone(seed: int = 0) -> RegisterViT:
+    """A random 2-block ViT for 32 px images (4 x 4 patches) with ``REGISTERS`` registers."""
+    torch.manual_seed(seed)
+    return RegisterViT(
+        "vit_tiny",
+        img_size=32,
+        patch_size=8,
+        num_registers=REGISTERS,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )
+
+
+def accumulator(log_dir) -> EventAccumulator:
+    """Every event of the run in ``log_dir``, loaded."""
+    events = EventAccumulator(
+        str(log_dir), size_guidance={"histograms": 0, "images": 0, "scalars": 0, "tensors": 0}
+    )
+    events.Reload()
+    return events
 
 
 def scene_samples(n: int, seed: int = 0):
@@ -115,3 +141,9 @@ def fit(
     )
     trainer.fit(module, datamodule=data)
     return trainer
+
+
+def fit_demo(tmp_path, demo_shards, backbone, callbacks, **kwargs) -> L.Trainer:
+    """``fit`` on the session's demo shards."""
+    train, val = (str(demo_shards / split / "*.tar") for split in ("train", "val"))
+    return fit(tmp_path, train, val, backbone, callbacks, **kwargs)

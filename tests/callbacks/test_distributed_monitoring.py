@@ -123,7 +123,7 @@ def test_ddp_run_logs_monitoring_once_from_rank_zero(tmp_path, demo_shards):
     assert not (tmp_path / "runs" / "ddp" / "version_1").exists()
     events = EventAccumulator(str(run), size_guidance={"histograms": 0, "images": 0, "scalars": 0})
     events.Reload()
-    steps = [s.step for s in events.Scalars("artifacts/backbone/output/high_norm_share_relative")]
+    steps = [s.step for s in events.Scalars("artifacts/backbone/high_norm_share_relative/output")]
     assert steps == [0, 2, 4]
     assert [
         h.histogram_value.num for h in events.Histograms("token_norms/backbone/block01/patches")

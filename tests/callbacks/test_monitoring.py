@@ -9,8 +9,7 @@ import torch
 from analysis.planted import GRID
 from lightning.pytorch.callbacks import LambdaCallback
 from PIL import Image
-from planted_runs import fit
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from planted_runs import REGISTERS, accumulator, fit_demo, tiny_backbone
 from timm.layers import DropPath
 
 from lightning_registers.callbacks import (
@@ -20,24 +19,11 @@ from lightning_registers.callbacks import (
     probing,
 )
 from lightning_registers.measures import high_norm_stats, token_norms
+from lightning_registers.measures.figures import BAR, FONT_SIZE
 from lightning_registers.measures.signature import SIGNATURE_KEYS
 from lightning_registers.models import RegisterViT
 
 PLANTED = [2, 9]  # patch indices (of 16) that get a huge norm in every image
-REGISTERS = 2
-
-
-def tiny_backbone(seed: int = 0) -> RegisterViT:
-    torch.manual_seed(seed)
-    return RegisterViT(
-        "vit_tiny",
-        img_size=32,
-        patch_size=8,
-        num_registers=REGISTERS,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-    )
 
 
 def planted_backbone() -> RegisterViT:
@@ -56,19 +42,6 @@ def planted_backbone() -> RegisterViT:
         model.norm.weight[0] = 40.0
         model.norm.bias.zero_()
     return model
-
-
-def accumulator(log_dir) -> EventAccumulator:
-    events = EventAccumulator(
-        str(log_dir), size_guidance={"histograms": 0, "images": 0, "scalars": 0, "tensors": 0}
-    )
-    events.Reload()
-    return events
-
-
-def fit_demo(tmp_path, demo_shards, backbone, callbacks, **kwargs):
-    train, val = (str(demo_shards / split / "*.tar") for split in ("train", "val"))
-    return fit(tmp_path, train, val, backbone, callbacks, **kwargs)
 
 
 def monitors(**emergence):
@@ -190,13 +163,13 @@ def test_planted_high_norm_tokens_are_read_back_from_the_event_files(tmp_path, d
     callbacks = monitors()
     trainer = fit_demo(tmp_path, demo_shards, backbone, callbacks)
     events = accumulator(trainer.log_dir)
-    share = len(PLANTED) / 16
+    percent = 100 * len(PLANTED) / 16
     for layer in ("block00", "block01", "output"):
         for rule in ("high_norm_share_absolute", "high_norm_share_relative"):
-            values = events.Scalars(f"artifacts/backbone/{layer}/{rule}")
+            values = events.Scalars(f"artifacts/backbone/{rule}/{layer}")
             assert [v.step for v in values] == [0, 2, 4, 6]
-            assert all(v.value == pytest.approx(share) for v in values), (layer, rule)
-        assert events.Scalars(f"artifacts/backbone/{layer}/max_over_median")[0].value > 5
+            assert all(v.value == pytest.approx(percent) for v in values), (layer, rule)
+        assert events.Scalars(f"artifacts/backbone/max_over_median/{layer}")[0].value > 5
 
     probe = callbacks[0].probe
     assert probe.shape == (8, 3, 32, 32)
@@ -214,13 +187,15 @@ def test_planted_high_norm_tokens_are_read_back_from_the_event_files(tmp_path, d
     assert events.Histograms("token_norms/backbone/output/cls")[0].histogram_value.num == 8
 
     # High from the first block on and 12.5 % of the patches: a look-alike, not artifacts.
-    assert all(s.value == 0 for s in events.Scalars("artifacts/backbone/output/onset_block"))
+    assert all(s.value == 0 for s in events.Scalars("artifacts/backbone/onset_block/output"))
     assert [s.value for s in events.Scalars("artifacts/backbone/present")] == [0, 0, 0, 0]
     assert not (tmp_path / "run" / "version_0" / "artifact_events.jsonl").exists()
 
     side = 96 + 2  # 32 px shown at 3x, plus the grid padding
     norm_maps = events.Images("norm_maps/backbone")
-    assert (norm_maps[0].height, norm_maps[0].width) == (3 * side + 2, 3 * side + 2)
+    # Titles above the grid of 3 images x (image, block01, output), the colour bar beside it.
+    assert norm_maps[0].height > 3 * side + 2 + 4 * FONT_SIZE
+    assert norm_maps[0].width > 3 * side + 2 + 2 * BAR
 
 
 @pytest.mark.parametrize("name", ["artifacts", "look_alikes"])
@@ -232,17 +207,17 @@ def test_planted_tokens_switched_on_fire_the_event_only_with_the_artifact_signat
     run = switched_on_runs[name]
     on_background = name == "artifacts"
     events = accumulator(run)
-    share = events.Scalars("artifacts/backbone/output/high_norm_share_relative")
+    share = events.Scalars("artifacts/backbone/high_norm_share_relative/output")
     assert [(s.step, s.value) for s in share] == [
-        (step, pytest.approx(3 / GRID**2 if step >= 4 else 0.0)) for step in range(0, 13, 2)
+        (step, pytest.approx(100 * 3 / GRID**2 if step >= 4 else 0.0)) for step in range(0, 13, 2)
     ]
-    onset = events.Scalars("artifacts/backbone/output/onset_block")
-    background = events.Scalars("artifacts/backbone/output/background_share")
+    onset = events.Scalars("artifacts/backbone/onset_block/output")
+    background = events.Scalars("artifacts/backbone/background_share/output")
     assert [s.step for s in onset] == [s.step for s in background] == [4, 6, 8, 10, 12]
     assert {s.value for s in onset} == {1 if on_background else 0}
-    assert {s.value for s in background} == {1.0 if on_background else 0.0}
-    attention = events.Scalars("artifacts/backbone/output/cls_attention_on_high_norm")
-    assert all(0 < s.value < 1 for s in attention)
+    assert {s.value for s in background} == {100.0 if on_background else 0.0}
+    attention = events.Scalars("artifacts/backbone/cls_attention_on_high_norm/output")
+    assert all(0 < s.value < 100 for s in attention)
     present = [s.value for s in events.Scalars("artifacts/backbone/present")]
     path = run / "artifact_events.jsonl"
     if not on_background:
@@ -271,9 +246,11 @@ def test_attention_images_have_the_right_size_and_count(tmp_path, demo_shards):
     side = 96 + 2
     mean = events.Images("attention/backbone/mean")
     assert [m.step for m in mean] == [0, 2]
-    assert (mean[0].height, mean[0].width) == (3 * side + 2, (2 + REGISTERS) * side + 2)
     heads = events.Images("attention/backbone/heads_reg1")[0]
-    assert (heads.height, heads.width) == (3 * side + 2, 2 * side + 2)
+    assert mean[0].height == heads.height > 3 * side + 2 + FONT_SIZE  # the titles above
+    # Columns: the image, then [CLS] and each register (or each of 2 heads); the colour bar.
+    assert mean[0].width > (1 + 1 + REGISTERS) * side + 2 + 2 * BAR
+    assert heads.width > (1 + 2) * side + 2 + 2 * BAR
 
 
 def test_normal_weights_report_no_emergence(tmp_path, demo_shards):
@@ -281,7 +258,7 @@ def test_normal_weights_report_no_emergence(tmp_path, demo_shards):
     events = accumulator(trainer.log_dir)
     assert [s.value for s in events.Scalars("artifacts/backbone/present")] == [0, 0, 0, 0]
     assert all(
-        s.value == 0 for s in events.Scalars("artifacts/backbone/output/high_norm_share_absolute")
+        s.value == 0 for s in events.Scalars("artifacts/backbone/high_norm_share_absolute/output")
     )
     assert "artifacts/events/text_summary" not in events.Tags()["tensors"]
     assert not (tmp_path / "run" / "version_0" / "artifact_events.jsonl").exists()

@@ -448,6 +448,6 @@ def test_two_process_ddp_fit_keeps_one_teacher_and_reports_knn(tmp_path, demo_sh
     events.Reload()
     assert len(events.Scalars("val/knn_top1")) == 1
     assert {
-        "artifacts/student/output/high_norm_share_absolute",
-        "artifacts/teacher/output/high_norm_share_absolute",
+        "artifacts/student/high_norm_share_absolute/output",
+        "artifacts/teacher/high_norm_share_absolute/output",
     } <= set(events.Tags()["scalars"])
