@@ -290,7 +290,12 @@ def analyze_parser() -> argparse.ArgumentParser:
         description="The paper's measurements on checkpoints: figures, summary.json and "
         "summary.md in --out.",
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint file or sharded directory")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="checkpoint file or sharded directory, or a released model by name from the local "
+        "caches: timm:NAME, hf-hub:REPO, dinov2:NAME, open_clip:ARCH/TAG",
+    )
     parser.add_argument(
         "--compare", nargs="+", default=[], metavar="PATH", help="more checkpoints, side by side"
     )
@@ -299,7 +304,8 @@ def analyze_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["ours"],
         choices=LAYOUTS,
-        help="checkpoint format: one for all, or one per checkpoint (--checkpoint first)",
+        help="checkpoint format: one for all, or one per checkpoint (--checkpoint first); "
+        "a name sets its own",
     )
     parser.add_argument("--images", required=True, help="shard URLs/patterns or an image folder")
     parser.add_argument("--out", required=True, help="output folder")

@@ -1,6 +1,7 @@
 """Any checkpoint as a RegisterViT for analysis: our training checkpoints (single file or
-sharded), our exported backbones, and released DINOv2-hub, timm and OpenCLIP weights, whose
-architecture is read from the tensor shapes."""
+sharded), our exported backbones, and released DINOv2-hub, timm and OpenCLIP weights, as files
+or by name from the local caches (see ``released``), whose architecture is read from the tensor
+shapes and, for names, from what the weights' library states."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..models import ARCHS, LAYOUTS, RegisterViT, convert_state_dict, load_pretrained
-from ..models.convert import unwrap_state_dict
+from ..models.convert import from_timm, unwrap_state_dict
 from ..models.vit import swiglu_hidden_features
 from ..objectives.checkpoint import exported_backbone, load_objective
 from ..objectives.safe_load import read_checkpoint
+from .released import is_released_name, resolve
 
 HEAD_DIM = 64  # every released ViT we know of (DINOv2, DeiT-III, OpenCLIP) uses 64
 
@@ -134,14 +136,28 @@ def load_backbone(
     Args:
         path: ``ours``: a training checkpoint (``.ckpt`` or a sharded directory) or a file from
             ``lightning-registers export``; other formats: a state dict file (``.pth``,
-            ``.pt``, ``.bin``, ``.safetensors``).
+            ``.pt``, ``.bin``, ``.safetensors``). Or a released model by name from the local
+            caches: ``timm:NAME``, ``hf-hub:REPO``, ``dinov2:NAME``, ``open_clip:ARCH/TAG``
+            (see ``released``); the name sets the format, and only tensors load.
         format: one of ``ours``, ``dinov2``, ``timm``, ``open_clip``.
         part: the backbone of a training checkpoint (DINO: ``teacher``, the default, or
             ``student``).
-        num_heads: attention heads of a released model (default ``embed_dim / 64``).
+        num_heads: attention heads of released weights (default: what the library of a named
+            model states, else ``embed_dim / 64``).
         trusted: load a file that needs code to unpickle (only one from a source you trust);
             by default only tensors and plain data load, else a one-line error names the file.
     """
+    heads = {"num_heads": num_heads} if num_heads else {}
+    if is_released_name(path):
+        weights = resolve(path)
+        model = _released_model(
+            read_state_file(weights.path),
+            weights.layout,
+            weights.path,
+            {**weights.config, **heads},
+            weights.no_embed_class,
+        )
+        return LoadedBackbone(model.eval(), path, weights.mean, weights.std)
     if format not in LAYOUTS:
         raise ValueError(f"format must be one of {LAYOUTS}, got {format!r}")
     path = Path(path)
@@ -168,14 +184,23 @@ def load_backbone(
             raise ValueError(f"{path} is a directory; {format} weights are one file")
         if format == "open_clip":
             mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-        raw = _strip_backbone_prefix(unwrap_state_dict(read_state_file(path, trusted)))
-        try:
-            converted = convert_state_dict(raw, format)
-        except KeyError as exn:
-            raise ValueError(f"not a {format} ViT state dict: no {exn.args[0]} in {path}") from None
-        config = infer_config(converted, format)
-        if num_heads:
-            config["num_heads"] = num_heads
-        model = RegisterViT(**config)
-        load_pretrained(model, raw, format)
+        model = _released_model(read_state_file(path, trusted), format, path, heads)
     return LoadedBackbone(model.eval(), checkpoint_name(path), tuple(mean), tuple(std))
+
+
+def _released_model(
+    stored: dict, layout: str, path: Path, config: dict, no_embed_class: bool | None = None
+) -> RegisterViT:
+    """A RegisterViT holding released weights in ``layout``: the architecture read from the
+    shapes, with ``config`` (what the weights' library states) over it."""
+    raw = _strip_backbone_prefix(unwrap_state_dict(stored))
+    try:
+        if layout == "timm":
+            converted = from_timm(raw, no_embed_class)
+        else:
+            converted = convert_state_dict(raw, layout)
+    except KeyError as exn:
+        raise ValueError(f"not a {layout} ViT state dict: no {exn.args[0]} in {path}") from None
+    model = RegisterViT(**{**infer_config(converted, layout), **config})
+    load_pretrained(model, converted)
+    return model
