@@ -1,4 +1,5 @@
-"""RegisterViT against timm's VisionTransformer of the same configuration: speed and memory.
+"""RegisterViT against timm's VisionTransformer of the same configuration, and compiled
+(regional compilation, as ``compile: true`` trains) against eager: speed and memory.
 
 Each measurement runs in its own process, so that the peak resident memory of one model is not
 hidden by another's; runs of the two models alternate so that drift of the machine hits both.
@@ -15,6 +16,9 @@ import time
 import torch
 
 from lightning_registers.models import RegisterViT, create_timm_model
+from lightning_registers.models.regional_compile import compile_blocks
+
+IMPLS = ("ours", "timm", "compiled")
 
 
 def _rss_bytes() -> int:
@@ -32,6 +36,8 @@ def measure(impl: str, num_registers: int, batch_size: int, steps: int) -> dict:
     model = RegisterViT("vit_small", img_size=224, patch_size=16, num_registers=num_registers)
     if impl == "timm":
         model = create_timm_model(model)
+    elif impl == "compiled":
+        compile_blocks(model.blocks)
     x = torch.randn(batch_size, 3, 224, 224)
     baseline = _rss_bytes()
 
@@ -39,7 +45,7 @@ def measure(impl: str, num_registers: int, batch_size: int, steps: int) -> dict:
         model(x).float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
-    step()
+    step()  # warm-up, which compiles
     start = time.perf_counter()
     for _ in range(steps):
         step()
@@ -65,30 +71,34 @@ def _run_child(impl: str, num_registers: int, batch_size: int, steps: int) -> di
 def run(repeats: int = 4, batch_size: int = 32, steps: int = 3) -> list[str]:
     """Markdown lines for BENCHMARKS.md."""
     lines = [
-        "| registers | ours img/s | timm img/s | speed ratio (ours/timm) "
-        "| ours step MiB | timm step MiB | memory ratio (ours/timm) |",
-        "|---|---|---|---|---|---|---|",
+        "| registers | ours img/s | timm img/s | compiled img/s | ours/timm speed "
+        "| compiled/ours speed | ours step MiB | timm step MiB | compiled step MiB "
+        "| ours/timm memory |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for num_registers in (0, 4):
-        results = {"ours": [], "timm": []}
+        results = {impl: [] for impl in IMPLS}
         for repeat in range(repeats):
-            # Swap the order every repeat so that neither model always runs first.
-            for impl in ("ours", "timm") if repeat % 2 == 0 else ("timm", "ours"):
+            # Rotate the order every repeat so that no model always runs first.
+            shift = repeat % len(IMPLS)
+            for impl in IMPLS[shift:] + IMPLS[:shift]:
                 results[impl].append(_run_child(impl, num_registers, batch_size, steps))
         speed = {k: max(r["images_per_s"] for r in v) for k, v in results.items()}
         memory = {k: min(r["step_memory_bytes"] for r in v) / 2**20 for k, v in results.items()}
         lines.append(
             f"| {num_registers} | {speed['ours']:.2f} | {speed['timm']:.2f} "
-            f"| {speed['ours'] / speed['timm']:.3f} | {memory['ours']:.0f} "
-            f"| {memory['timm']:.0f} | {memory['ours'] / memory['timm']:.3f} |"
+            f"| {speed['compiled']:.2f} | {speed['ours'] / speed['timm']:.3f} "
+            f"| {speed['compiled'] / speed['ours']:.3f} | {memory['ours']:.0f} "
+            f"| {memory['timm']:.0f} | {memory['compiled']:.0f} "
+            f"| {memory['ours'] / memory['timm']:.3f} |"
         )
     return [
-        "## Backbone: RegisterViT vs timm VisionTransformer",
+        "## Backbone: RegisterViT vs timm VisionTransformer, compiled vs eager",
         "",
         f"vit_small, patch 16, 224 px, batch {batch_size}, float32 forward+backward on CPU; "
-        f"best of {repeats} runs of {steps} steps each (after one warm-up step), alternating "
-        "the two models and swapping which goes first; "
-        "memory is the peak resident memory of the step above the model's own.",
+        f"best of {repeats} runs of {steps} steps each (after one warm-up step, which compiles), "
+        "rotating the order of the three models; compiled is ours with each block compiled "
+        "(`compile: true`); memory is the peak resident memory of the step above the model's own.",
         "",
         *lines,
     ]

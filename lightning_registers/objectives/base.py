@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..data import skipped_in_batch
 from ..models import RegisterViT
+from ..models.regional_compile import compile_blocks
 from .checkpoint_io import AtomicCheckpoints
 from .optim import build_optimizer, param_groups, peak_lr
 from .requeue import SlurmRequeue
@@ -108,10 +109,9 @@ class ObjectiveModule(L.LightningModule):
     def configure_model(self) -> None:
         """FSDP2 under ModelParallelStrategy: ``fully_shard`` each unit of ``fsdp_units``.
         Parameters held by the module itself stay replicated; their gradients are averaged
-        across ranks before each optimizer step. Then, with ``compile``, each tower block's
-        forward is compiled (regional compilation): one graph serves every block of a tower,
-        it compiles in seconds rather than the whole model's minutes, and FSDP2's per-block
-        hooks and activation checkpointing stay outside the compiled code."""
+        across ranks before each optimizer step. Then, with ``compile``, each tower block is
+        compiled (``compile_blocks``: regional compilation, which composes with FSDP2 and
+        activation checkpointing)."""
         if self._trainer is None:
             return  # load_from_checkpoint calls this hook too
         sharded = any(isinstance(m, FSDPModule) for m in self.modules())
@@ -120,9 +120,7 @@ class ObjectiveModule(L.LightningModule):
             for unit in self.fsdp_units():
                 fully_shard(unit, mesh=mesh)
         if self.hparams.get("compile"):
-            for block in self.tower_blocks():
-                if "forward" not in vars(block):  # not compiled by an earlier call
-                    block.forward = torch.compile(block.forward)
+            compile_blocks(self.tower_blocks())
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if not isinstance(self.trainer.strategy, ModelParallelStrategy):

@@ -79,7 +79,7 @@ class ClipModule(ObjectiveModule):
         zeroshot_templates: prompts of the zero-shot classifier, "simple" or "openai" (the 80
             templates open_clip_train evaluates ImageNet with).
         compile: compile each transformer block with ``torch.compile`` (regional
-            compilation, see ``ObjectiveModule.configure_model``); checkpoints are the same.
+            compilation, ``models.regional_compile``); checkpoints are the same.
     """
 
     monitor = "val/zeroshot_top1"

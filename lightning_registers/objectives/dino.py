@@ -81,7 +81,7 @@ class DinoModule(ObjectiveModule):
         knn_train_samples: training-shard samples (over all ranks) that k-NN and the probe fit.
         linear_probe_steps: full-batch steps of the linear probe (0 skips it).
         compile: compile each transformer block with ``torch.compile`` (regional
-            compilation, see ``ObjectiveModule.configure_model``); checkpoints are the same.
+            compilation, ``models.regional_compile``); checkpoints are the same.
     """
 
     monitor = "val/knn_top1"

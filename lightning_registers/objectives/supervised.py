@@ -58,7 +58,7 @@ class SupervisedModule(ObjectiveModule):
         model_ema_decay: keep an EMA of backbone and head with this decay, updated after every
             optimizer step (DeiT: 0.99996); None keeps none.
         compile: compile each transformer block with ``torch.compile`` (regional
-            compilation, see ``ObjectiveModule.configure_model``); checkpoints are the same.
+            compilation, ``models.regional_compile``); checkpoints are the same.
     """
 
     monitor = "val/top1"
