@@ -83,8 +83,9 @@ class ColourScale:
 
 
 @lru_cache(maxsize=8)
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    """DejaVu Sans, the font matplotlib ships: legible at small sizes, with every symbol."""
+    return ImageFont.truetype(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans.ttf", size)
 
 
 def _fitted(text: str, width: float):
