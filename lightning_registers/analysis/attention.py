@@ -15,7 +15,7 @@ from ..measures.attention import (  # noqa: F401 (attention_on_high_norm: analys
     prefix_attention,
     query_names,
 )
-from ..measures.figures import draw_grid, plt, save_grid_png
+from ..measures.figures import plt
 from .figure_style import save
 from .tokens import batches, device_of
 
@@ -31,28 +31,39 @@ def attention_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 
     return {"attention": torch.cat(maps), "queries": query_names(backbone.num_registers)}
 
 
-def draw_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]]):
-    """The head-mean maps of [CLS] and every register, a panel per model (``results``: name ->
-    (``attention_maps`` result, its images)), the same images in every panel's rows. Returns
-    the figure."""
-    panels = {
-        name: attention_grids(maps["attention"], maps["queries"], images)["mean"]
-        for name, (maps, images) in results.items()
-    }
-    widths = [image.shape[-1] for image, _ in panels.values()]
-    height = max(image.shape[-2] for image, _ in panels.values())
+def draw_grids(panels: dict[str, torch.Tensor]):
+    """``labelled_grid`` images (column titles and colour bar drawn in), side by side, each
+    titled by its key. Returns the figure."""
+    widths = [image.shape[-1] for image in panels.values()]
+    height = max(image.shape[-2] for image in panels.values())
     fig, axes = plt.subplots(
         1,
         len(panels),
-        figsize=(sum(widths) / 80 + 0.5 * len(panels), height / 80 + 0.8),
+        figsize=(sum(widths) / 80 + 0.2 * len(panels), height / 80 + 0.5),
         squeeze=False,
         gridspec_kw={"width_ratios": widths},
         layout="constrained",
     )
-    for ax, (name, (image, titles)) in zip(axes[0], panels.items(), strict=True):
-        draw_grid(ax, image, titles, f"{name}: last-block attention, head mean")
-    fig.supxlabel("a row per image; brighter: more attention", fontsize=9)
+    for ax, (title, image) in zip(axes[0], panels.items(), strict=True):
+        ax.imshow(image.permute(1, 2, 0).numpy())
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=10)
+    fig.supxlabel("a row per image", fontsize=9)
     return fig
+
+
+def draw_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]]):
+    """The head-mean maps of [CLS] and every register, a panel per model (``results``: name ->
+    (``attention_maps`` result, its images)), the same images in every panel's rows. Returns
+    the figure."""
+    return draw_grids(
+        {
+            f"{name}: last-block attention, head mean": attention_grids(
+                maps["attention"], maps["queries"], images, labelled=True
+            )["mean"][0]
+            for name, (maps, images) in results.items()
+        }
+    )
 
 
 def plot_attention_side_by_side(results: dict[str, tuple[dict, torch.Tensor]], path: Path) -> Path:
@@ -64,12 +75,10 @@ def plot_attention(results: dict[str, dict], images: torch.Tensor, out_dir: Path
     """Per model, the head-mean maps of every query and the per-head maps of [CLS]."""
     paths = []
     for name, result in results.items():
-        grids = attention_grids(result["attention"], result["queries"], images)
+        grids = attention_grids(result["attention"], result["queries"], images, labelled=True)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
         for suffix in ("mean", "heads_cls"):
-            image, titles = grids[suffix]
             title = f"{name}: last-block attention ({suffix.replace('_', ' ')})"
-            paths.append(
-                save_grid_png(image, titles, out_dir / f"attention_{suffix}_{stem}.png", title)
-            )
+            figure = draw_grids({title: grids[suffix][0]})
+            paths.append(save(figure, out_dir / f"attention_{suffix}_{stem}.png"))
     return paths
