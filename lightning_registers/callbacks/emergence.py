@@ -123,8 +123,8 @@ class ArtifactEmergence(Callback):
                     f"ArtifactEmergence.layer {self.layer!r} is not watched by the "
                     f"TokenNormMonitor (layers: {', '.join(layers)}; or {ANY_LAYER!r})"
                 )
-        if self not in monitor.subscribers:
-            monitor.subscribers.append(self)
+        if self not in monitor.judges:
+            monitor.judges.append(self)
         self.trainer = trainer
 
     def judged_layers(self, signature: dict) -> list[str]:

@@ -116,7 +116,7 @@ class TokenNormMonitor(ProbeCallback):
         self.rule = OutlierRule(rule, threshold, factor)
         self.n_images = n_images
         self.map_layers = map_layers
-        self.subscribers: list[Judge] = []
+        self.judges: list[Judge] = []
         """Given each measurement after it is logged (``ArtifactEmergence``)."""
 
     def rules(self) -> dict[str, OutlierRule]:
@@ -167,7 +167,7 @@ class TokenNormMonitor(ProbeCallback):
         charts = {}
         for name, backbone in monitored_backbones(pl_module).items():
             charts.update(layer_charts(name, self.layer_names(backbone.depth), self.rules()))
-            for judge in self.subscribers:
+            for judge in self.judges:
                 charts.update(judge.charts(name))
         return layout(charts)
 
@@ -203,7 +203,7 @@ class TokenNormMonitor(ProbeCallback):
     def run(self, pl_module, step: int, writer=None) -> dict[str, dict]:
         results = super().run(pl_module, step, writer)
         for name, result in results.items():
-            for judge in self.subscribers:
+            for judge in self.judges:
                 judge.update(step, name, result)
             if writer is not None:
                 writer.add_text(scalar_tag(name, STATUS), self.status(step, name, result), step)
@@ -222,7 +222,7 @@ class TokenNormMonitor(ProbeCallback):
 
         share, share_layer = largest(self.rule.share_key)
         ratio, ratio_layer = largest("max_over_median")
-        verdicts = [judge.verdict(name) for judge in self.subscribers]
+        verdicts = [judge.verdict(name) for judge in self.judges]
         if not verdicts:
             verdicts = ["high-norm tokens" if share else "no artifacts"]
         label = next(label for label, rule in self.rules().items() if rule == self.rule)
