@@ -5,7 +5,8 @@ Images are decoded as researchers expect from a photo viewer: EXIF orientation a
 and float images scaled from their value range to 8 bits, transparent pixels composited over
 white, every other mode (palette, CMYK, LAB, ...) converted to RGB by Pillow; an animated image
 gives its first frame. An image over ``MAX_PIXELS`` is decoded at 1/2, 1/4 or 1/8 of its size
-where the format allows (JPEG), and refused otherwise, before its pixels are decoded.
+where the format allows (JPEG), and refused otherwise, before its pixels are decoded. A caller
+whose crops need fewer pixels (a training transform) may ask for a JPEG decoded reduced too.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import io
 import json
 import re
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+DRAFT_SCALES = (1, 2, 4, 8)
+"""The reductions a JPEG decoder offers (1/s of each side)."""
 MAX_PIXELS = 8192 * 8192
 """Largest image decoded (width x height, after JPEG reduction); larger ones are refused."""
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -27,6 +31,8 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # gaps as floats), any other fraction, sign or text is refused.
 _LABEL = re.compile(rb"\s*(\d+)(?:\.0*)?\s*")
 _SIXTEEN_BIT = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+DraftScale = Callable[[int, int], int]
+"""(width, height) of an encoded image -> the reduction s (1, 2, 4, 8) its user allows."""
 
 
 class MissingFieldError(KeyError):
@@ -47,21 +53,25 @@ def _field(sample: dict, keys: tuple[str, ...], what: str) -> bytes:
     raise MissingFieldError(f"{_where(sample)} has no {what} (looked for .{', .'.join(keys)})")
 
 
-def _reduce(image: Image.Image) -> None:
-    """Decode ``image`` at the least JPEG reduction that fits ``MAX_PIXELS``, or refuse it."""
+def _reduce(image: Image.Image, draft_scale: DraftScale | None = None) -> None:
+    """Decode ``image`` (a JPEG) at 1/s of its size: s is the largest of 1, 2, 4, 8 that
+    ``draft_scale(width, height)`` allows, or the least that fits ``MAX_PIXELS`` where that is
+    larger; an image that no reduction fits is refused."""
     width, height = image.size
-    if width * height <= MAX_PIXELS:
-        return
-    if image.format in ("JPEG", "MPO"):
-        for scale in (2, 4, 8):
-            size = (-(-width // scale), -(-height // scale))
-            if size[0] * size[1] <= MAX_PIXELS:
-                image.draft(None, size)
-                return
-    raise ValueError(
-        f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} pixels "
-        "(lightning_registers.data.samples.MAX_PIXELS)"
-    )
+    jpeg = image.format in ("JPEG", "MPO")
+    scale = draft_scale(width, height) if jpeg and draft_scale is not None else 1
+    if width * height > MAX_PIXELS:
+        fits = [s for s in DRAFT_SCALES if -(-width // s) * -(-height // s) <= MAX_PIXELS]
+        if not (jpeg and fits):
+            raise ValueError(
+                f"image of {width}x{height} pixels exceeds the limit of {MAX_PIXELS} pixels "
+                "(lightning_registers.data.samples.MAX_PIXELS)"
+            )
+        scale = max(scale, fits[0])
+    if scale > 1:
+        # Pillow takes the largest of 1, 2, 4, 8 within side // asked side: asking for the
+        # rounded-up size would give an odd side the next smaller reduction.
+        image.draft(None, (width // scale, height // scale))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -81,19 +91,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(data: bytes) -> Image.Image:
-    """The image encoded in ``data`` as RGB, upright, within ``MAX_PIXELS`` (see the module)."""
+def open_image(data: bytes, draft_scale: DraftScale | None = None) -> Image.Image:
+    """The image encoded in ``data`` as RGB, upright, within ``MAX_PIXELS`` (see the module); a
+    JPEG decoded at 1/s of its size where ``draft_scale(width, height)`` gives s > 1 (what the
+    crops that follow allow)."""
     with warnings.catch_warnings():
         # Our limit is below Pillow's decompression-bomb warning; JPEGs above it are reduced.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            _reduce(image)
+            _reduce(image, draft_scale)
             return to_rgb(ImageOps.exif_transpose(image))
 
 
-def decode_image(sample: dict) -> Image.Image:
+def decode_image(sample: dict, draft_scale: DraftScale | None = None) -> Image.Image:
     """The sample's image as RGB (see ``open_image``)."""
-    return open_image(_field(sample, IMAGE_KEYS, "image"))
+    return open_image(_field(sample, IMAGE_KEYS, "image"), draft_scale)
 
 
 def decode_label(sample: dict) -> int:

@@ -3,9 +3,18 @@
 Any exception raised here (an image that does not decode, a missing field) makes the stream
 skip and count the sample. Batches are made by the transform's ``collate`` where it has one
 (DINOv2's batch-wise iBOT masks), else by ``torch.utils.data.default_collate``.
+
+The training transforms decode each image once, at 1/2, 1/4 or 1/8 of its size where every crop
+still takes its pixels from a region at least twice its output side (``DraftScale``), and crop,
+resize and augment it as uint8 tensors (torchvision.transforms.v2; a random resized crop crops
+before it resizes). With ``photometric_on_device`` they stop after the crops and flips and draw
+each crop's photometric parameters instead; the objective applies them to the batch on the
+training device (``photometric.PhotometricStage``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from PIL import ImageFilter
@@ -15,6 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .masking import BlockMaskGenerator, stratified_masks
+from .photometric import PHOTOMETRIC, Photometric, PhotometricStage, concat
 from .samples import MissingFieldError, decode_caption, decode_image, decode_label
 
 BICUBIC = v2.InterpolationMode.BICUBIC
@@ -74,6 +84,69 @@ class PILGaussianBlur:
 
 
 BLURS = ("kernel5", "pil")
+DINO_ORDER = ("jitter", "grayscale", "blur", "solarize")
+"""DINOv2's photometric order: colour jitter, grayscale, blur, solarization."""
+THREE_AUGMENT_ORDER = ("grayscale", "solarize", "blur", "jitter")
+"""3-Augment's: one of grayscale / solarization / blur, then colour jitter."""
+
+
+def _blur(kind: int | str, sigma: tuple[float, float]) -> v2.Transform | PILGaussianBlur:
+    """torchvision's Gaussian blur with a ``kind`` px kernel, or PIL's ("pil")."""
+    return PILGaussianBlur(sigma) if kind == "pil" else v2.GaussianBlur(kind, sigma=sigma)
+
+
+def per_sample_photometric(
+    photometric: Photometric, order: tuple[str, ...], blur: int | str
+) -> list[v2.Transform]:
+    """torchvision's transforms (uint8 in, uint8 out) for one kind of crop, ops in ``order``; an
+    op with no chance is left out, ``one_of``'s ops are one ``RandomChoice``."""
+    ops = {
+        "jitter": v2.ColorJitter(*photometric.jitter) if any(photometric.jitter) else None,
+        "grayscale": v2.Grayscale(num_output_channels=3),
+        "blur": _blur(blur, photometric.blur_sigma),
+        "solarize": v2.RandomSolarize(threshold=128, p=1.0),
+    }
+    transforms, chosen = [], False
+    for name in order:
+        if name in photometric.one_of:
+            if not chosen:
+                transforms.append(v2.RandomChoice([ops[op] for op in photometric.one_of]))
+                chosen = True
+            continue
+        chance = getattr(photometric, f"{name}_p")
+        if ops[name] is None or chance == 0:
+            continue
+        transforms.append(ops[name] if chance == 1 else v2.RandomApply([ops[name]], p=chance))
+    return transforms
+
+
+def _draft_side(area: float | None, width: int, height: int) -> float:
+    """Shortest side of the smallest region of a ``width`` x ``height`` image that a crop takes:
+    a random resized crop of at least ``area`` of the image and aspect ratio within 3/4..4/3
+    (its fallback, the largest centre crop within those ratios, is no smaller), or the short
+    side (``area`` None: the image resized by its short side, then cropped)."""
+    short = min(width, height)
+    if area is None:
+        return short
+    return min(math.sqrt(area * width * height * 3 / 4), short)
+
+
+class DraftScale:
+    """The JPEG reduction (1, 2, 4 or 8) a transform's crops allow: the largest at which every
+    crop still takes its pixels from a region at least twice its output side, so that the
+    reduced decode only saves the work of a larger downscale.
+
+    Args:
+        crops: (output side, smallest area fraction) of each kind of crop; an area fraction of
+            None for a crop of the short side (resize, then crop).
+    """
+
+    def __init__(self, crops: list[tuple[int, float | None]]) -> None:
+        self.crops = list(crops)
+
+    def __call__(self, width: int, height: int) -> int:
+        room = min(_draft_side(area, width, height) / (2 * side) for side, area in self.crops)
+        return max((s for s in (1, 2, 4, 8) if s <= room), default=1)
 
 
 class ThreeAugment:
@@ -90,6 +163,9 @@ class ThreeAugment:
         blur: "kernel5" (torchvision's blur, 5 px kernel, sigma 0.1-2) or "pil" (PIL's
             Gaussian blur of radius 0.1-2 px, DeiT-III's; a 5 px kernel cuts the spread of
             sigma 2 to about 1.3 px).
+        photometric_on_device: the sample path only decodes, crops and flips (uint8 images)
+            and draws each image's photometric parameters (``photometric``); ``batch_stage``
+            applies them and normalizes, batched, on the training device.
     """
 
     def __init__(
@@ -101,36 +177,44 @@ class ThreeAugment:
         mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
         std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
         blur: str = "kernel5",
+        photometric_on_device: bool = False,
     ) -> None:
         if crop == "src":
             crops = [
                 v2.Resize(image_size, interpolation=BICUBIC, antialias=True),
                 v2.RandomCrop(image_size, padding=4, padding_mode="reflect"),
             ]
+            self.draft_scale = DraftScale([(image_size, None)])
         elif crop == "rrc":
             crops = [v2.RandomResizedCrop(image_size, scale=rrc_scale, interpolation=BICUBIC)]
+            self.draft_scale = DraftScale([(image_size, rrc_scale[0])])
         else:
             raise ValueError(f"crop must be 'src' or 'rrc', got {crop!r}")
         if blur not in BLURS:
             raise ValueError(f"blur must be one of {BLURS}, got {blur!r}")
-        self.crop = v2.Compose([v2.ToImage(), *crops])
-        one_of = v2.RandomChoice(
-            [
-                v2.Grayscale(num_output_channels=3),
-                v2.RandomSolarize(threshold=128, p=1.0),
-                v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))
-                if blur == "kernel5"
-                else PILGaussianBlur((0.1, 2.0)),
-            ]
+        self.crop = v2.Compose(crops)
+        self.photometric = Photometric(
+            jitter=(color_jitter, color_jitter, color_jitter, 0.0),
+            one_of=("grayscale", "solarize", "blur"),
         )
-        jitter = [v2.ColorJitter(color_jitter, color_jitter, color_jitter)] if color_jitter else []
-        self.transform = v2.Compose(
-            [self.crop, v2.RandomHorizontalFlip(), one_of, *jitter, *_normalize(mean, std)]
-        )
+        kernel = 5 if blur == "kernel5" else "pil"
+        steps = [self.crop, v2.RandomHorizontalFlip()]
+        self.batch_stage = None
+        if photometric_on_device:
+            self.batch_stage = PhotometricStage(THREE_AUGMENT_ORDER, kernel, mean, std)
+        else:
+            steps += per_sample_photometric(self.photometric, THREE_AUGMENT_ORDER, kernel)
+            steps += _normalize(mean, std)
+        self.transform = v2.Compose(steps)
 
     def __call__(self, sample: dict) -> dict:
         label = decode_label(sample)
-        return {"image": self.transform(decode_image(sample)), "label": label}
+        image = v2.functional.to_image(decode_image(sample, self.draft_scale))
+        out = {"image": self.transform(image), "label": label}
+        if self.batch_stage is not None:
+            drawn = self.photometric.draw(1)
+            out[PHOTOMETRIC] = {"image": {key: value[0] for key, value in drawn.items()}}
+        return out
 
 
 class ClipTransform:
@@ -191,6 +275,9 @@ class MultiCropTransform:
         stratified_masks: masks drawn per batch in ``collate`` as DINOv2's collate does:
             exactly ``int(2B x mask_probability)`` global crops masked, their ratios spread
             evenly over ``mask_ratio``, in random order; else each crop draws on its own.
+        photometric_on_device: the sample path only decodes, crops and flips (uint8 crops) and
+            draws each crop's photometric parameters (``photometric``); ``batch_stage``
+            applies them and normalizes, batched, on the training device.
     """
 
     def __init__(
@@ -207,39 +294,36 @@ class MultiCropTransform:
         std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
         blur_probabilities: tuple[float, float, float] = (1.0, 0.1, 0.5),
         stratified_masks: bool = False,
+        photometric_on_device: bool = False,
     ) -> None:
         if global_size % patch_size:
             raise ValueError(
                 f"global_size {global_size} is not divisible by patch_size {patch_size}"
             )
-        flip_jitter = [
-            v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
-        ]
-        normalize = _normalize(mean, std)
-
-        def blur(p: float):
-            return v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=p)
-
-        def crop(size: int, scale) -> list:
-            return [v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)]
-
         blur1, blur2, blur_local = blur_probabilities
-        self.global1 = v2.Compose(
-            [*crop(global_size, global_scale), *flip_jitter, blur(blur1), *normalize]
-        )
-        self.global2 = v2.Compose(
-            [
-                *crop(global_size, global_scale),
-                *flip_jitter,
-                blur(blur2),
-                v2.RandomSolarize(128, p=0.2),
-                *normalize,
+        jitter = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2)
+        self.photometric = {
+            "global1": Photometric(**jitter, blur_p=blur1),
+            "global2": Photometric(**jitter, blur_p=blur2, solarize_p=0.2),
+            "local": Photometric(**jitter, blur_p=blur_local),
+        }
+        sizes = {"global1": global_size, "global2": global_size, "local": local_size}
+        scales = {"global1": global_scale, "global2": global_scale, "local": local_scale}
+        self.batch_stage = None
+        if photometric_on_device:
+            self.batch_stage = PhotometricStage(DINO_ORDER, 9, mean, std)
+        self.crops = {}
+        for name, photometric in self.photometric.items():
+            steps = [
+                v2.RandomResizedCrop(sizes[name], scale=scales[name], interpolation=BICUBIC),
+                v2.RandomHorizontalFlip(),
             ]
-        )
-        self.local = v2.Compose(
-            [*crop(local_size, local_scale), *flip_jitter, blur(blur_local), *normalize]
+            if not photometric_on_device:
+                steps += per_sample_photometric(photometric, DINO_ORDER, 9)
+                steps += _normalize(mean, std)
+            self.crops[name] = v2.Compose(steps)
+        self.draft_scale = DraftScale(
+            [(global_size, global_scale[0]), (local_size, local_scale[0])]
         )
         self.num_local_crops = num_local_crops
         grid = (global_size // patch_size, global_size // patch_size)
@@ -258,14 +342,26 @@ class MultiCropTransform:
         return self.masks(int(ratio * self.masks.num_patches))
 
     def __call__(self, sample: dict) -> dict:
-        image = decode_image(sample)
-        local = [self.local(image) for _ in range(self.num_local_crops)]
-        return {
-            "global_crops": torch.stack([self.global1(image), self.global2(image)]),
+        image = v2.functional.to_image(decode_image(sample, self.draft_scale))
+        local = [self.crops["local"](image) for _ in range(self.num_local_crops)]
+        out = {
+            "global_crops": torch.stack(
+                [self.crops["global1"](image), self.crops["global2"](image)]
+            ),
             "local_crops": torch.stack(local) if local else torch.empty(0),
             "masks": torch.stack([self._mask(), self._mask()]),
             "label": _optional_label(sample),
         }
+        if self.batch_stage is not None:
+            drawn = {
+                "global_crops": concat(
+                    *(self.photometric[g].draw(1) for g in ("global1", "global2"))
+                )
+            }
+            if local:
+                drawn["local_crops"] = self.photometric["local"].draw(self.num_local_crops)
+            out[PHOTOMETRIC] = drawn
+        return out
 
     def collate(self, samples: list[dict]) -> dict:
         """A batch of samples; with ``stratified_masks`` its masks drawn for the whole batch."""

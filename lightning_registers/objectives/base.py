@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import warnings
 from collections.abc import Callable
 
 import lightning as L
@@ -20,6 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from ..data import skipped_in_batch
+from ..data.photometric import PHOTOMETRIC
 from ..models import RegisterViT
 from ..models.regional_compile import compile_blocks
 from .checkpoint_io import AtomicCheckpoints
@@ -27,6 +29,11 @@ from .optim import build_optimizer, param_groups, peak_lr
 from .requeue import SlurmRequeue
 from .schedules import run_length, warmup_cosine_lr
 
+# The objectives' on_after_batch_transfer is meant to run beside any DataModule; Lightning says
+# so at every fit that has one.
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`"
+)
 # Lets ``load_from_checkpoint`` rebuild the backbone from its saved config (class_path form).
 _INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
 
@@ -61,6 +68,7 @@ class ObjectiveModule(L.LightningModule):
             backbone.mask_token.requires_grad_(False)
         self.skipped_train = 0
         self.skipped_val = 0
+        self._train_transform = None
 
     def monitored_backbones(self) -> dict[str, RegisterViT]:
         """The backbones the monitoring callbacks watch, by name."""
@@ -142,6 +150,16 @@ class ObjectiveModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """A batch that carries photometric parameters (the training transform's
+        ``photometric_on_device``) gets its photometric augmentations here, on the device, from
+        that transform's ``batch_stage``."""
+        if isinstance(batch, dict) and PHOTOMETRIC in batch:
+            if self._train_transform is None:
+                self._train_transform = self.make_transform(train=True)
+            batch = self._train_transform.batch_stage(batch)
+        return batch
 
     def on_train_epoch_start(self) -> None:
         """Point the data stream at this epoch (its order and augmentations follow from the

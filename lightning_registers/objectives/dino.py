@@ -82,6 +82,9 @@ class DinoModule(ObjectiveModule):
         linear_probe_steps: full-batch steps of the linear probe (0 skips it).
         compile: compile each transformer block with ``torch.compile`` (regional
             compilation, ``models.regional_compile``); checkpoints are the same.
+        photometric_on_device: the data workers only decode, crop and flip; colour jitter,
+            grayscale, blur, solarization and normalization run batched on the training device
+            with the same distributions (``MultiCropTransform``).
     """
 
     monitor = "val/knn_top1"
@@ -139,6 +142,7 @@ class DinoModule(ObjectiveModule):
         knn_train_samples: int = 10000,
         linear_probe_steps: int = 300,
         compile: bool = False,
+        photometric_on_device: bool = False,
     ) -> None:
         super().__init__()
         check_choice("centering", centering, CENTERINGS)
@@ -204,6 +208,7 @@ class DinoModule(ObjectiveModule):
             mask_ratio=tuple(hp.mask_ratio),
             blur_probabilities=tuple(hp.blur_probabilities),
             stratified_masks=hp.stratified_masks,
+            photometric_on_device=hp.photometric_on_device,
         )
 
     # --- schedules -------------------------------------------------------------------------

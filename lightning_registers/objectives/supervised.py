@@ -59,6 +59,9 @@ class SupervisedModule(ObjectiveModule):
             optimizer step (DeiT: 0.99996); None keeps none.
         compile: compile each transformer block with ``torch.compile`` (regional
             compilation, ``models.regional_compile``); checkpoints are the same.
+        photometric_on_device: the data workers only decode, crop and flip; 3-Augment's
+            grayscale / solarization / blur, colour jitter and normalization run batched on the
+            training device with the same distributions (``ThreeAugment``).
     """
 
     monitor = "val/top1"
@@ -90,6 +93,7 @@ class SupervisedModule(ObjectiveModule):
         lr_base_batch: int = 512,
         model_ema_decay: float | None = None,
         compile: bool = False,
+        photometric_on_device: bool = False,
     ) -> None:
         super().__init__()
         check_choice("head_pool", head_pool, HEAD_POOLS)
@@ -134,7 +138,11 @@ class SupervisedModule(ObjectiveModule):
         hp = self.hparams
         if train:
             return ThreeAugment(
-                hp.image_size, crop=hp.crop, color_jitter=hp.color_jitter, blur=hp.blur
+                hp.image_size,
+                crop=hp.crop,
+                color_jitter=hp.color_jitter,
+                blur=hp.blur,
+                photometric_on_device=hp.photometric_on_device,
             )
         return EvalTransform(hp.image_size, crop_ratio=hp.eval_crop_ratio)
 

@@ -1,10 +1,16 @@
-"""Each objective's transform gives the documented shapes and dtypes, batched by default_collate."""
+"""Each objective's transform gives the documented shapes and dtypes, batched by default_collate;
+the per-sample path is torchvision's composition; JPEGs are decoded reduced where crops allow."""
 
+import io
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import webdataset as wds
+from PIL import Image, JpegImagePlugin
 from torch.utils.data import default_collate
+from torchvision.transforms import v2
 
 from lightning_registers.data import (
     BlockMaskGenerator,
@@ -13,7 +19,7 @@ from lightning_registers.data import (
     MultiCropTransform,
     ThreeAugment,
 )
-from lightning_registers.data.samples import MissingFieldError
+from lightning_registers.data.samples import MissingFieldError, decode_image, open_image
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +140,6 @@ def _line_spread(blur, sigma: float) -> float:
 def test_pil_blur_has_the_radius_deit_draws_and_kernel5_cuts_it():
     """DeiT-III blurs with PIL's GaussianBlur(radius), radius ~ U(0.1, 2): a spread of about the
     radius; torchvision's 5 px kernel cuts sigma 2 to about 1.3 px."""
-    from torchvision.transforms import v2
-
     from lightning_registers.data.transforms import PILGaussianBlur
 
     assert _line_spread(PILGaussianBlur((2.0, 2.0)), 2.0) == pytest.approx(2.0, abs=0.15)
@@ -176,3 +180,90 @@ def test_multicrop_collate_draws_stratified_masks_for_the_batch(samples):
     batch = transform.collate(items)
     assert batch["masks"].shape == (4, 2, 16) and int(batch["masks"].any(-1).sum()) == 4
     assert batch["global_crops"].shape == (4, 2, 3, 32, 32)
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    """A JPEG of a colour gradient with a dark square: detail a reduced decode must keep."""
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    pixels = np.concatenate([x + 0 * y, 0 * x + y, 255 - (x + y) / 2], axis=2)
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = 20
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_reduced_for_small_crops_and_crops_keep_their_size(monkeypatch):
+    """2000x1500 for 64 px global crops (area >= 0.32) and 32 px local ones (area >= 0.05):
+    the smallest local region has a short side of sqrt(0.05 x 3e6 x 3/4) = 335 px, 2 x 32 px
+    after a reduction by 5.2; global: 849 px, 2 x 64 px after 6.6. So 1/4: 500x375."""
+    asked = []
+    original = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(self, mode, size):
+        asked.append(size)
+        return original(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    data = _jpeg(2000, 1500)
+    transform = MultiCropTransform(64, 32, num_local_crops=2, patch_size=8)
+    assert transform.draft_scale(2000, 1500) == 4
+    out = transform({"jpg": data, "__key__": "big"})
+    assert asked == [(500, 375)]
+    assert out["global_crops"].shape == (2, 3, 64, 64)
+    assert out["local_crops"].shape == (2, 3, 32, 32)
+    reduced = open_image(data, transform.draft_scale)
+    assert reduced.size == (500, 375)
+    # The same picture: the full decode shrunk 4x by area averaging is within a few levels.
+    full = Image.open(io.BytesIO(data)).convert("RGB").reduce(4)
+    assert np.abs(np.asarray(reduced, float) - np.asarray(full, float)).mean() < 2.0
+    # Paper sizes on 500x375 scenes leave no room: 224 px crops need regions of 448 px.
+    assert MultiCropTransform(224, 98).draft_scale(500, 375) == 1
+    assert ThreeAugment(224, crop="src").draft_scale(500, 375) == 1
+    # The short side is the region of the simple random crop: 1500 / 3 >= 2 x 224.
+    assert ThreeAugment(224, crop="src").draft_scale(2000, 1500) == 2
+    assert ThreeAugment(64, crop="rrc").draft_scale(2000, 1500) == 2  # 0.08: 424 px / 128
+
+
+def test_an_odd_sided_jpeg_gets_the_reduction_asked_for():
+    """Pillow reduces by the largest s within side // asked: asking for the rounded-up half of
+    751 (376) would give s = 1."""
+    assert open_image(_jpeg(1001, 751), lambda w, h: 2).size == (501, 376)
+    assert open_image(_jpeg(1001, 751)).size == (1001, 751)
+
+
+def _crop_kind(size: int, scale: tuple[float, float], *photometric) -> v2.Compose:
+    normalize = v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomApply([v2.Grayscale(3)], p=0.2),
+            *photometric,
+            v2.ToDtype(torch.float32, scale=True),
+            normalize,
+        ]
+    )
+
+
+def test_per_sample_multicrop_is_dinov2s_composition_in_torchvision(samples):
+    """With the same seed, each crop is torchvision's RandomResizedCrop, flip, jitter (p 0.8),
+    grayscale (p 0.2), blur (p 1.0 / 0.1 / 0.5), solarize (second global crop, p 0.2) and
+    normalization, local crops first, as the transform documents."""
+    blur = v2.GaussianBlur(9, (0.1, 2.0))
+    global1 = _crop_kind(32, (0.32, 1.0), blur)
+    global2 = _crop_kind(
+        32, (0.32, 1.0), v2.RandomApply([blur], p=0.1), v2.RandomSolarize(128, p=0.2)
+    )
+    local = _crop_kind(16, (0.05, 0.32), v2.RandomApply([blur], p=0.5))
+    transform = MultiCropTransform(32, 16, num_local_crops=3, patch_size=8)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        out = transform(samples[0])
+        torch.manual_seed(seed)
+        image = v2.functional.to_image(decode_image(samples[0]))
+        expected_local = torch.stack([local(image) for _ in range(3)])
+        expected_global = torch.stack([global1(image), global2(image)])
+        torch.testing.assert_close(out["local_crops"], expected_local, atol=0, rtol=0)
+        torch.testing.assert_close(out["global_crops"], expected_global, atol=0, rtol=0)
