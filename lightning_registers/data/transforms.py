@@ -83,6 +83,28 @@ class PILGaussianBlur:
         return tv_tensors.Image(v2.functional.pil_to_tensor(blurred))
 
 
+class ReflectPadCrop(v2.RandomCrop):
+    """torchvision's ``RandomCrop(size, padding, padding_mode="reflect")``, the same draws and
+    pixels, reading the window through reflected row and column indices rather than padding
+    the whole image first."""
+
+    def __init__(self, size: int, padding: int) -> None:
+        super().__init__(size, padding=padding, padding_mode="reflect")
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        left, top = params["padding"][:2]
+        out = inpt
+        for dim, start, length in (
+            (-2, params["top"] - top, params["height"]),
+            (-1, params["left"] - left, params["width"]),
+        ):
+            size = inpt.shape[dim]
+            index = torch.arange(start, start + length).abs()  # reflected before the start
+            index = torch.where(index >= size, 2 * (size - 1) - index, index)  # and past the end
+            out = out.index_select(dim, index)
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+
+
 BLURS = ("kernel5", "pil")
 DINO_ORDER = ("jitter", "grayscale", "blur", "solarize")
 """DINOv2's photometric order: colour jitter, grayscale, blur, solarization."""
@@ -182,7 +204,7 @@ class ThreeAugment:
         if crop == "src":
             crops = [
                 v2.Resize(image_size, interpolation=BICUBIC, antialias=True),
-                v2.RandomCrop(image_size, padding=4, padding_mode="reflect"),
+                ReflectPadCrop(image_size, padding=4),
             ]
             self.draft_scale = DraftScale([(image_size, None)])
         elif crop == "rrc":

@@ -267,3 +267,18 @@ def test_per_sample_multicrop_is_dinov2s_composition_in_torchvision(samples):
         expected_global = torch.stack([global1(image), global2(image)])
         torch.testing.assert_close(out["local_crops"], expected_local, atol=0, rtol=0)
         torch.testing.assert_close(out["global_crops"], expected_global, atol=0, rtol=0)
+
+
+def test_reflect_pad_crop_is_torchvisions_random_crop_draw_for_draw():
+    from torchvision import tv_tensors
+
+    from lightning_registers.data.transforms import ReflectPadCrop
+
+    theirs = v2.RandomCrop(32, padding=4, padding_mode="reflect")
+    for shape in ((3, 32, 48), (3, 48, 32), (3, 32, 32)):
+        image = tv_tensors.Image(torch.randint(0, 256, shape, dtype=torch.uint8))
+        for seed in range(30):
+            torch.manual_seed(seed)
+            ours = ReflectPadCrop(32, 4)(image)
+            torch.manual_seed(seed)
+            assert torch.equal(ours, theirs(image)) and isinstance(ours, tv_tensors.Image)
