@@ -1,8 +1,24 @@
 """All measurements on one or several checkpoints, with figures side by side and a summary:
-what ``lightning-registers analyze`` runs."""
+what ``lightning-registers analyze`` runs.
+
+The images stream: each backbone reads them in batches from their source in at most three
+passes, and keeps per image only what the measures need later, so that memory is bounded by
+the batch and those few numbers, whatever the number of images:
+
+1. norms of every layer, neighbour similarity, attention, LOST (on square images), [CLS], the
+   outlier norms of the test-time register search, and the position and pixel probes' training
+   tokens (a fixed number, chosen before the pass);
+2. once the high-norm tokens are known: the probes scored on the test tokens (a few numbers per
+   token kept), the two tokens per image the class probe reads, the register neurons' scores;
+3. where register neurons were found: the backbone with a test-time register, beside the
+   backbone itself (the cosine of each output token before and after).
+
+LOST under ``--protocol reference`` reads the images as they are, in a pass of its own."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -10,30 +26,49 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..measures.norms import OUTPUT, RULES, OutlierRule
+from ..measures.norms import OUTPUT, RULES, OutlierRule, layer_name
+from ..models.config import patch_grid
 from .attention import (
-    attention_maps,
-    attention_on_high_norm,
+    AttentionKeeper,
+    last_block_attention,
     plot_attention,
     plot_attention_side_by_side,
 )
 from .images import ImageSet, load_images
 from .loading import LoadedBackbone
-from .lost import lost, plot_lost
-from .neighbours import neighbour_similarity, plot_neighbour_similarity
+from .lost import lost, lost_boxes, lost_result, plot_lost, qkv_features
+from .neighbours import patch_similarity, plot_neighbour_similarity, split_by_norm
 from .norms import (
     first_high_norm_layer,
     layer_statistics,
     plot_layer_statistics,
     plot_norm_distributions,
 )
-from .probes import pixel_probe, plot_probes, position_probe, token_classification
+from .probes import (
+    PatchProbes,
+    ProbeTokens,
+    classification_picks,
+    classify_picked,
+    patch_pixels,
+    picked_tokens,
+    plot_probes,
+    probe_summary,
+)
 from .report import write_summary
 from .settings import REFERENCE_LOST_K, AnalysisSettings
-from .test_time_registers import add_test_time_register, find_register_neurons, model_family
-from .tokens import device_of, output_tokens, patch_norms_by_layer
+from .test_time_registers import (
+    NeuronScores,
+    add_test_time_register,
+    all_token_norms,
+    find_register_neurons,
+    model_family,
+    outlier_flags,
+)
+from .tokens import Observation, batches, device_of, observe
 
-STAGES = 6  # norms, neighbours, probes, attention, LOST, test-time registers
+PASSES = 3  # over the images, per backbone (see the module)
+LOST_SHOWN = 8  # images in the LOST figure
+SCORES = ("top1", "distance", "l2")  # what the probes keep of each test token
 TTR_SUFFIX = " + test-time register"
 TTR_NEURONS = 10  # register neurons moved, where neither settings nor a model family say
 
@@ -49,30 +84,124 @@ def _norm_summary(norms: dict[str, torch.Tensor], settings: AnalysisSettings) ->
     }
 
 
-def run_lost(backbone: nn.Module, images: ImageSet, settings: AnalysisSettings) -> dict:
-    """LOST on ``images`` as the settings' protocol says (input, ties, ``k``, CorLoc's
-    denominator and IoU, ``no_hard``); ``drawn_boxes``: the boxes in pixels of the square
-    images."""
+def _lost_k(settings: AnalysisSettings) -> int | None:
+    return settings.lost_k or (REFERENCE_LOST_K if settings.reference else None)
+
+
+def _lost_truth(images: ImageSet, settings: AnalysisSettings) -> list[torch.Tensor]:
     padded = settings.choice("lost_input") == "padded"
     truth = images.original_boxes if padded else images.boxes
     if settings.no_hard:
         truth = [boxes[~hard] for boxes, hard in zip(truth, images.hard, strict=True)]
-    k = settings.lost_k or (REFERENCE_LOST_K if settings.reference else None)
+    return truth
+
+
+def _lost_scored(result: dict, images: ImageSet, settings: AnalysisSettings) -> dict:
+    padded = settings.choice("lost_input") == "padded"
+    result["k"] = _lost_k(settings)
+    result["drawn_boxes"] = images.to_square(result["boxes"]) if padded else result["boxes"]
+    return result
+
+
+def _corloc_rule(settings: AnalysisSettings) -> dict:
+    over = "boxed" if settings.no_hard else settings.choice("corloc_over")
+    return {"corloc_over": over, "iou_eps": settings.iou_eps}
+
+
+def run_lost(backbone: nn.Module, images: ImageSet, settings: AnalysisSettings) -> dict:
+    """LOST on ``images`` as the settings' protocol says (input, ties, ``k``, CorLoc's
+    denominator and IoU, ``no_hard``), in a pass of its own; ``drawn_boxes``: the boxes in
+    pixels of the square images."""
+    if settings.choice("lost_input") == "padded":
+        stream = images.full_resolution()
+    else:
+        stream = (image for batch in images.batches(settings.batch_size) for image in batch)
     result = lost(
         backbone,
-        images.full_resolution() if padded else images.images,
-        truth,
+        stream,
+        _lost_truth(images, settings),
         settings.lost_features,
-        k,
+        _lost_k(settings),
         settings.gram_bias,
         settings.batch_size,
         ties=settings.choice("lost_ties"),
-        corloc_over="boxed" if settings.no_hard else settings.choice("corloc_over"),
-        iou_eps=settings.iou_eps,
+        **_corloc_rule(settings),
     )
-    result["k"] = k
-    result["drawn_boxes"] = images.to_square(result["boxes"]) if padded else result["boxes"]
-    return result
+    return _lost_scored(result, images, settings)
+
+
+class _Passes:
+    """The images' batches for each pass over them, with the pass and the images done on the
+    progress bar (a step per pass)."""
+
+    def __init__(self, images: ImageSet, batch_size: int, device, bar=None) -> None:
+        self.images, self.batch_size, self.device, self.bar = images, batch_size, device, bar
+
+    def __call__(self, name: str) -> Iterator[tuple[int, torch.Tensor]]:
+        """(index of the first image, batch) of each batch, in order."""
+        start = 0
+        for batch in batches(self.images, self.batch_size, self.device):
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"{name} {start}/{len(self.images)}")
+            yield start, batch
+            start += len(batch)
+        self.skip()
+
+    def skip(self) -> None:
+        """A pass done, or not needed."""
+        if self.bar is not None:
+            self.bar.update()
+
+
+class _Kept:
+    """What the analysis keeps of each forward of one backbone over the images: patch-token
+    norms of every layer, the attention maps (``AttentionKeeper``) and, on square images,
+    LOST's box and seed in each image."""
+
+    def __init__(self, backbone: nn.Module, settings: AnalysisSettings) -> None:
+        self.backbone, self.settings = backbone, settings
+        self.norms: dict[str, list[torch.Tensor]] = {}
+        self.attention = AttentionKeeper(backbone.num_registers, settings.attention_images)
+        self.square_lost = settings.choice("lost_input") == "square"
+        self.found: list[tuple[torch.Tensor, int]] = []
+        self.sizes: list[tuple[int, int]] = []
+
+    def add(self, seen: Observation) -> None:
+        for layer, kinds in seen.norms.items():
+            self.norms.setdefault(layer, []).append(kinds["patches"].cpu())
+        self.attention.add(last_block_attention(self.backbone, seen))
+        if self.square_lost:
+            s, patch = self.settings, self.backbone.patch_size
+            features = qkv_features(seen.qkv, s.lost_features, self.backbone.num_prefix_tokens)
+            sizes = [(seen.grid[0] * patch, seen.grid[1] * patch)] * len(features)
+            ties = s.choice("lost_ties")
+            self.found += lost_boxes(
+                features, seen.grid, patch, sizes, _lost_k(s), s.gram_bias, ties
+            )
+            self.sizes += sizes
+
+    def result(self, images: ImageSet, high_norm: torch.Tensor | None = None) -> dict:
+        """``norms``, ``norm_summary``, the ``high_norm`` flags of the split measures (default:
+        by the settings' rule on the output norms), ``attention``, ``attention_on_high_norm``
+        and ``lost`` (on padded images in a pass of its own)."""
+        norms = {layer: torch.cat(parts) for layer, parts in self.norms.items()}
+        if high_norm is None:
+            high_norm = self.settings.outlier_rule.mask(norms[OUTPUT])
+        maps, on_high = self.attention.result(high_norm)
+        if self.square_lost:
+            truth = _lost_truth(images, self.settings)
+            found = lost_result(self.found, self.sizes, truth, **_corloc_rule(self.settings))
+            found = _lost_scored(found, images, self.settings)
+        else:
+            found = run_lost(self.backbone, images, self.settings)
+        return {
+            "norms": norms,
+            "high_norm": high_norm,
+            "norm_summary": _norm_summary(norms, self.settings),
+            "attention": maps,
+            "attention_on_high_norm": on_high,
+            "lost": found,
+        }
 
 
 def register_neuron_search(
@@ -121,90 +250,132 @@ def analyze_backbone(
     backbone: nn.Module, images: ImageSet, settings: AnalysisSettings, progress=None
 ) -> dict:
     """Every measurement of one backbone: a dict of results (tensors for the figures and the
-    scalars of ``summary.json``)."""
-
-    def stage(name: str, measure):
-        if progress is not None:
-            progress.set_postfix_str(name)
-        out = measure()
-        if progress is not None:
-            progress.update()
-        return out
-
-    x, bs = images.images, settings.batch_size
-    device = device_of(backbone)
-    norms = stage("norms", lambda: patch_norms_by_layer(backbone, x, bs))
-    high = settings.outlier_rule.mask(norms[OUTPUT])
-    result = {"norms": norms, "high_norm": high, "norm_summary": _norm_summary(norms, settings)}
-    result["neighbours"] = stage("neighbours", lambda: neighbour_similarity(backbone, x, high, bs))
-    cls, patches = output_tokens(backbone, x, bs)
-    grid = backbone.patch_grid(x)
-    result["probes"] = stage(
-        "probes",
-        lambda: {
-            "position": position_probe(patches, grid, high, device=device),
-            "pixels": pixel_probe(patches, x, backbone.patch_size, high, device=device),
-            "classification": token_classification(cls, patches, high, images.labels, device),
-        },
-    )
-    result["attention"] = stage("attention", lambda: attention_maps(backbone, x, bs))
-    result["attention_on_high_norm"] = attention_on_high_norm(
-        result["attention"]["attention"], high
-    )
-    result["lost"] = stage("LOST", lambda: run_lost(backbone, images, settings))
+    scalars of ``summary.json``), from passes over ``images`` (see the module); ``progress``:
+    a tqdm bar, a step per pass."""
+    device, patch = device_of(backbone), backbone.patch_size
+    passes = _Passes(images, settings.batch_size, device, progress)
+    grid = patch_grid((images.image_size, images.image_size), patch)
+    search_layer = layer_name(register_neuron_search(backbone, settings)["layer"])
+    kept = _Kept(backbone, settings)
+    probe_tokens = ProbeTokens(len(images), grid[0] * grid[1])
+    cls, similarity, outlier_norms = [], [], []
+    for start, x in passes("norms, neighbours, attention, LOST"):
+        seen = observe(backbone, x)
+        kept.add(seen)
+        cls.append(seen.cls.cpu())
+        similarity.append(patch_similarity(backbone, x))
+        outlier_norms.append(all_token_norms(seen.norms[search_layer]).cpu())
+        probe_tokens.add(start, seen.patches.cpu(), patch_pixels(x.cpu(), patch))
+    result = kept.result(images)
+    high = result["high_norm"]
+    result["neighbours"] = split_by_norm(torch.cat(similarity), high)
     search = register_neuron_search(
         backbone, settings, result["norm_summary"]["first_high_norm_block"]["relative"]
     )
     result["ttr_search"] = search
-    result["ttr"] = stage(
-        "test-time registers",
-        lambda: test_time_register_effect(backbone, images, settings, patches, high, search),
+    flags = outlier_flags(
+        torch.cat(outlier_norms), search["rule"], search["tokens"], backbone.num_prefix_tokens
+    )
+    neuron_scores = None
+    if flags.any():
+        blocks = range(search["top_layer"] + 1)
+        per_image = search["average"] == "per_image"
+        neuron_scores = NeuronScores(backbone, flags, blocks, per_image, search["sparsity"])
+    result["probes"] = _probes_pass(
+        backbone, images, settings, passes, probe_tokens, torch.cat(cls), high, neuron_scores
+    )
+    neurons = neuron_scores.best(search["top_k"]) if neuron_scores else []
+    result["ttr"] = test_time_register_effect(
+        backbone, images, settings, high, search, neurons, passes
     )
     return result
+
+
+def _probes_pass(
+    backbone: nn.Module,
+    images: ImageSet,
+    settings: AnalysisSettings,
+    passes: _Passes,
+    probe_tokens: ProbeTokens,
+    cls: torch.Tensor,
+    high_norm: torch.Tensor,
+    neuron_scores: NeuronScores | None,
+) -> dict:
+    """The second pass: the probes scored on the test images' tokens and the class probe on
+    the tokens it reads, while ``neuron_scores`` (where given) add up."""
+    device, patch = device_of(backbone), backbone.patch_size
+    grid = patch_grid((images.image_size, images.image_size), patch)
+    probes = PatchProbes(probe_tokens, grid, device)
+    picks = classification_picks(high_norm, images.labels) or {}
+    test = torch.zeros(len(images), dtype=torch.bool)
+    test[probe_tokens.test] = True
+    scores: list[dict] = []
+    picked: dict[str, list[torch.Tensor]] = {kind: [] for kind in picks}
+    with neuron_scores or nullcontext():
+        for start, x in passes("probes, register neurons"):
+            if neuron_scores is not None:
+                neuron_scores.at(start, len(x))
+            patches = observe(backbone, x).patches.cpu()
+            here = test[start : start + len(x)]
+            if here.any():
+                scores.append(probes.score(patches[here], patch_pixels(x.cpu()[here], patch)))
+            for kind, choice in picks.items():
+                picked[kind].append(picked_tokens(patches, choice[start : start + len(x)]))
+    joined = {k: torch.cat([s[k] for s in scores] + [torch.zeros(0)]) for k in SCORES}
+    out = probe_summary(joined, high_norm[probe_tokens.test].reshape(-1))
+    out["classification"] = None
+    if picks:
+        tokens = {kind: torch.cat(parts) for kind, parts in picked.items()}
+        out["classification"] = classify_picked(cls, picks, tokens, images.labels, device)
+    return out
 
 
 def test_time_register_effect(
     backbone: nn.Module,
     images: ImageSet,
     settings: AnalysisSettings,
-    patches: torch.Tensor,
     high_norm: torch.Tensor,
     search: dict | None = None,
+    neurons: list | None = None,
+    passes: _Passes | None = None,
 ) -> dict | None:
-    """Find the register neurons (as ``search`` says, default ``register_neuron_search``), add
-    a test-time register, and measure the norms, attention maps and LOST again;
-    ``normal_token_cosine``: mean cosine similarity of each normal output patch token before
-    and after. None when no token is an outlier."""
-    x, bs = images.images, settings.batch_size
+    """Add a test-time register for the register ``neurons`` (default: found as ``search``
+    says, default ``register_neuron_search``), and measure the norms, attention maps and LOST
+    again, in a pass over the images beside the backbone itself; ``normal_token_cosine`` (and
+    ``high_norm_token_cosine``): mean cosine similarity of each normal (high-norm, as
+    ``high_norm`` flags) output patch token before and after. None without register neurons."""
     search = search or register_neuron_search(backbone, settings)
-    neurons = find_register_neurons(
-        backbone,
-        x,
-        search["top_k"],
-        search["rule"],
-        search["layer"],
-        bs,
-        tokens=search["tokens"],
-        top_layer=search["top_layer"],
-        average=search["average"],
-        sparsity=search["sparsity"],
-    )
+    passes = passes or _Passes(images, settings.batch_size, device_of(backbone))
+    if neurons is None:
+        neurons = find_register_neurons(
+            backbone,
+            images,
+            search["top_k"],
+            search["rule"],
+            search["layer"],
+            settings.batch_size,
+            tokens=search["tokens"],
+            top_layer=search["top_layer"],
+            average=search["average"],
+            sparsity=search["sparsity"],
+        )
     if not neurons:
+        passes.skip()
         return None
     model = add_test_time_register(backbone, neurons, search["values"])
-    norms = patch_norms_by_layer(model, x, bs)
-    _, after = output_tokens(model, x, bs)
-    cosine = F.cosine_similarity(after, patches, dim=-1)
-    attention = attention_maps(model, x, bs)
+    kept, cosine = _Kept(model, settings), []
+    for _, x in passes("test-time registers"):
+        before = observe(backbone, x).patches
+        seen = observe(model, x)
+        kept.add(seen)
+        cosine.append(F.cosine_similarity(seen.patches, before, dim=-1).cpu())
+    cosine = torch.cat(cosine)
+    normal, high = cosine[~high_norm], cosine[high_norm]
     return {
         "neurons": neurons,
-        "norms": norms,
-        "norm_summary": _norm_summary(norms, settings),
-        "attention": attention,
-        "attention_on_high_norm": attention_on_high_norm(attention["attention"], high_norm),
-        "lost": run_lost(model, images, settings),
-        "normal_token_cosine": cosine[~high_norm].mean().item() if (~high_norm).any() else None,
-        "high_norm_token_cosine": cosine[high_norm].mean().item() if high_norm.any() else None,
+        **kept.result(images, high_norm),
+        "normal_token_cosine": normal.mean().item() if len(normal) else None,
+        "high_norm_token_cosine": high.mean().item() if len(high) else None,
     }
 
 
@@ -223,18 +394,15 @@ def analyze(
     settings = settings or AnalysisSettings()
     out_dir = Path(out_dir)
     names = _unique([b.name for b in backbones])
-    keep_originals = settings.choice("lost_input") == "padded"
     image_sets: dict[tuple, ImageSet] = {}
     results, inputs = {}, {}
-    bar = tqdm(total=len(backbones) * STAGES, desc="analyze", disable=not progress)
+    bar = tqdm(total=len(backbones) * PASSES, desc="analyze", disable=not progress)
     for name, loaded in zip(names, backbones, strict=True):
         bar.set_description(f"analyze {name}")
         size = image_size or loaded.model.img_size[0]
         key = (size, loaded.mean, loaded.std)
         if key not in image_sets:
-            image_sets[key] = load_images(
-                image_source, size, loaded.mean, loaded.std, num_images, keep_originals
-            )
+            image_sets[key] = load_images(image_source, size, loaded.mean, loaded.std, num_images)
         inputs[name] = image_sets[key]
         model = loaded.model.to(device).eval()
         results[name] = analyze_backbone(model, inputs[name], settings, bar)
@@ -257,7 +425,7 @@ def _unique(names: list[str]) -> list[str]:
 def write_figures(
     results: dict[str, dict], inputs: dict[str, ImageSet], out_dir: Path, settings: AnalysisSettings
 ) -> list[Path]:
-    """Every figure, models side by side."""
+    """Every figure, models side by side; the few images drawn are read again."""
     rule = settings.outlier_rule
     with_ttr = {n: r["ttr"] for n, r in results.items() if r["ttr"] is not None}
     paths = [
@@ -280,11 +448,15 @@ def write_figures(
         ),
         plot_probes({n: r["probes"] for n, r in results.items()}, out_dir / "probes.png"),
     ]
+    first: dict[int, torch.Tensor] = {}  # the first images of each image set
+    for images in inputs.values():
+        if id(images) not in first:
+            first[id(images)] = images.head(max(settings.attention_images, LOST_SHOWN, 1))
     attention = {n: r["attention"] for n, r in results.items()}
     attention.update({n + TTR_SUFFIX: t["attention"] for n, t in with_ttr.items()})
     shown = {}
     for name, maps in attention.items():
-        images = inputs[name.removesuffix(TTR_SUFFIX)].images[: settings.attention_images]
+        images = first[id(inputs[name.removesuffix(TTR_SUFFIX)])][: settings.attention_images]
         shown[name] = (dict(maps, attention=maps["attention"][: len(images)]), images)
     paths.append(plot_attention_side_by_side(shown, out_dir / "attention.png"))
     for name, (maps, images) in shown.items():
@@ -292,10 +464,11 @@ def write_figures(
     rows = {}
     for name, result in results.items():
         x = inputs[name]
-        rows[name] = (x.images, x.boxes, result["lost"]["drawn_boxes"])
+        images = first[id(x)][:LOST_SHOWN]
+        rows[name] = (images, x.boxes, result["lost"]["drawn_boxes"])
         if name in with_ttr:
-            rows[name + TTR_SUFFIX] = (x.images, x.boxes, with_ttr[name]["lost"]["drawn_boxes"])
-    paths.append(plot_lost(rows, out_dir / "lost.png"))
+            rows[name + TTR_SUFFIX] = (images, x.boxes, with_ttr[name]["lost"]["drawn_boxes"])
+    paths.append(plot_lost(rows, out_dir / "lost.png", LOST_SHOWN))
     if with_ttr:
         norms = {}
         for name, ttr in with_ttr.items():

@@ -9,26 +9,63 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..measures.attention import (  # noqa: F401 (attention_on_high_norm: analysis API too)
-    attention_grids,
-    attention_on_high_norm,
-    prefix_attention,
-    query_names,
-)
+from ..measures.attention import attention_grids, attention_on_high_norm, query_names
 from ..measures.figures import plt
 from .figure_style import save
-from .tokens import batches, device_of
+from .tokens import Images, Observation, batches, device_of, observe
+
+
+def last_block_attention(backbone: nn.Module, seen: Observation) -> torch.Tensor:
+    """Last-block attention of [CLS] and each register over the patches in the forward that
+    ``seen`` observed, on the patch grid: (B, heads, 1 + R, h, w). Computed from the block's
+    query-key-value projection as the block computes explicit weights (``capture_attention``),
+    so that the forward itself stays the model's fused one."""
+    attn = backbone.blocks[-1].attn
+    b, t, _ = seen.qkv.shape
+    qkv = seen.qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    weights = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    r = backbone.num_prefix_tokens
+    return weights[:, :, :r, r:].reshape(b, attn.num_heads, r, *seen.grid)
 
 
 @torch.no_grad()
-def attention_maps(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32) -> dict:
+def attention_maps(backbone: nn.Module, images: Images, batch_size: int = 32) -> dict:
     """``attention`` (N, heads, 1 + R, h, w): last-block attention of [CLS] and each register
     over the patches, and the ``queries`` names."""
     maps = [
-        prefix_attention(backbone, batch).cpu()
+        last_block_attention(backbone, observe(backbone, batch)).cpu()
         for batch in batches(images, batch_size, device_of(backbone))
     ]
     return {"attention": torch.cat(maps), "queries": query_names(backbone.num_registers)}
+
+
+class AttentionKeeper:
+    """What the analysis keeps of the attention maps of many images, given batch by batch:
+    each image's head mean (for ``attention_on_high_norm``) and every head of the first
+    ``shown`` images (for the figures)."""
+
+    def __init__(self, num_registers: int, shown: int) -> None:
+        self.queries = query_names(num_registers)
+        self.shown = shown
+        self.head_means: list[torch.Tensor] = []
+        self.first: list[torch.Tensor] = []
+        self.kept = 0
+
+    def add(self, maps: torch.Tensor) -> None:
+        """``maps`` (B, heads, 1 + R, h, w) of the next images."""
+        maps = maps.cpu()
+        self.head_means.append(maps.mean(dim=1))
+        if self.kept < self.shown:
+            self.first.append(maps[: self.shown - self.kept])
+            self.kept += len(self.first[-1])
+
+    def result(self, high_norm: torch.Tensor) -> tuple[dict, dict]:
+        """The maps of the first images as ``attention_maps`` gives them, and
+        ``attention_on_high_norm`` of every image (``high_norm`` flags, (N, P))."""
+        head_means = torch.cat(self.head_means)[:, None]  # one "head": the mean of all
+        maps = {"attention": torch.cat(self.first), "queries": self.queries}
+        return maps, attention_on_high_norm(head_means, high_norm)
 
 
 def draw_grids(panels: dict[str, torch.Tensor]):

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..measures.figures import display_images, plt
 from .figure_style import save
-from .tokens import batches, device_of
+from .tokens import Images, batches, device_of, observe
 
 FEATURES = ("keys", "values", "queries")
 TIES = ("stable", "reference")
@@ -41,24 +41,22 @@ LOST_INPUTS = ("square", "padded")
 CORLOC_OVER = ("boxed", "all")
 
 
-def _features(backbone: nn.Module, images: torch.Tensor, which: str) -> torch.Tensor:
+def qkv_features(qkv: torch.Tensor, which: str, num_prefix_tokens: int) -> torch.Tensor:
+    """The patch tokens' ``keys``, ``values`` or ``queries`` (heads concatenated), (B, P, D),
+    of a last block's query-key-value projection ``qkv`` (B, T, 3 D)."""
     if which not in FEATURES:
         raise ValueError(f"LOST features must be one of {FEATURES}, got {which!r}")
     index = {"queries": 0, "keys": 1, "values": 2}[which]
-    captured = []
-    handle = backbone.blocks[-1].attn.qkv.register_forward_hook(
-        lambda module, args, output: captured.append(output.chunk(3, dim=-1)[index].float())
-    )
-    try:
-        backbone(images)
-    finally:
-        handle.remove()
-    return captured[0][:, backbone.num_prefix_tokens :]
+    return qkv.chunk(3, dim=-1)[index].float()[:, num_prefix_tokens:]
+
+
+def _features(backbone: nn.Module, images: torch.Tensor, which: str) -> torch.Tensor:
+    return qkv_features(observe(backbone, images).qkv, which, backbone.num_prefix_tokens)
 
 
 @torch.no_grad()
 def last_block_features(
-    backbone: nn.Module, images: torch.Tensor, which: str = "keys", batch_size: int = 32
+    backbone: nn.Module, images: Images, which: str = "keys", batch_size: int = 32
 ) -> torch.Tensor:
     """Patch tokens' ``keys``, ``values`` or ``queries`` in the last block, heads concatenated:
     (N, P, D)."""
@@ -207,6 +205,43 @@ def centred_boxes(truth: list[torch.Tensor], sizes: list[tuple[int, int]]) -> to
     return torch.cat([(frame - size) / 2, (frame + size) / 2], dim=-1)
 
 
+def lost_boxes(
+    features: torch.Tensor,
+    grid: tuple[int, int],
+    patch_size: int,
+    sizes: list[tuple[int, int]],
+    k: int | None = None,
+    gram_bias: float = 0.0,
+    ties: str = "stable",
+) -> list[tuple[torch.Tensor, int]]:
+    """``lost_box`` of each image of a batch: ``features`` (B, P, D) on the ``grid``, each
+    image's box clipped to its size in ``sizes`` (height, width before padding)."""
+    return [
+        lost_box(image_features, grid, patch_size, k, gram_bias, ties, size)
+        for image_features, size in zip(features, sizes, strict=True)
+    ]
+
+
+def lost_result(
+    found: list[tuple[torch.Tensor, int]],
+    sizes: list[tuple[int, int]],
+    truth: list[torch.Tensor],
+    corloc_over: str = "boxed",
+    iou_eps: float = 0.0,
+) -> dict:
+    """What ``lost`` returns, from the box and seed ``found`` in each image of ``sizes``."""
+    predicted = torch.stack([box for box, _ in found])
+    rule = dict(over=corloc_over, eps=iou_eps)
+    return {
+        "boxes": predicted,
+        "seeds": torch.tensor([seed for _, seed in found]),
+        "sizes": sizes,
+        "corloc": corloc(predicted, truth, **rule),
+        "corloc_centred": corloc(centred_boxes(truth, sizes), truth, **rule),
+        "evaluated": len(truth) if corloc_over == "all" else sum(1 for b in truth if len(b)),
+    }
+
+
 @torch.no_grad()
 def lost(
     backbone: nn.Module,
@@ -231,19 +266,9 @@ def lost(
     for batch, batch_sizes in _padded_batches(images, patch, batch_size):
         grid = (batch.shape[-2] // patch, batch.shape[-1] // patch)
         features = _features(backbone, batch.to(device), which)
-        for image_features, size in zip(features, batch_sizes, strict=True):
-            found.append(lost_box(image_features, grid, patch, k, gram_bias, ties, size))
+        found += lost_boxes(features, grid, patch, batch_sizes, k, gram_bias, ties)
         sizes += batch_sizes
-    predicted = torch.stack([box for box, _ in found])
-    rule = dict(over=corloc_over, eps=iou_eps)
-    return {
-        "boxes": predicted,
-        "seeds": torch.tensor([seed for _, seed in found]),
-        "sizes": sizes,
-        "corloc": corloc(predicted, boxes, **rule),
-        "corloc_centred": corloc(centred_boxes(boxes, sizes), boxes, **rule),
-        "evaluated": len(boxes) if corloc_over == "all" else sum(1 for b in boxes if len(b)),
-    }
+    return lost_result(found, sizes, boxes, corloc_over, iou_eps)
 
 
 def _draw_box(ax, box: torch.Tensor, scale: float, side: tuple[int, int], **style) -> None:

@@ -14,26 +14,28 @@ from ..measures.figures import plt
 from ..measures.norms import OutlierRule
 from ..measures.placement import neighbour_cosine
 from .figure_style import legend_outside, note, rule_text, save
-from .tokens import batches, device_of
+from .tokens import Images, batches, device_of
 
 
 @torch.no_grad()
-def patch_embeddings(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32):
+def patch_embeddings(backbone: nn.Module, images: Images, batch_size: int = 32) -> torch.Tensor:
     """The patch-embedding output (N, h, w, D), before position embeddings."""
-    grid = backbone.patch_grid(images)
-    out = [
-        backbone.patch_embed(batch).float().cpu()
-        for batch in batches(images, batch_size, device_of(backbone))
-    ]
-    return torch.cat(out).reshape(len(images), *grid, -1)
+    out = []
+    for batch in batches(images, batch_size, device_of(backbone)):
+        embedded = backbone.patch_embed(batch).float().cpu()
+        out.append(embedded.reshape(len(batch), *backbone.patch_grid(batch), -1))
+    return torch.cat(out)
 
 
-def neighbour_similarity(
-    backbone: nn.Module, images: torch.Tensor, high_norm: torch.Tensor, batch_size: int = 32
-) -> dict:
+def patch_similarity(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each patch embedding of ``images`` (one batch) to its 4
+    neighbours, (B, P)."""
+    return neighbour_cosine(patch_embeddings(backbone, images, len(images))).flatten(1)
+
+
+def split_by_norm(similarity: torch.Tensor, high_norm: torch.Tensor) -> dict:
     """Neighbour similarity of every patch (``similarity``, (N, P)) and its mean over the
     high-norm tokens (``high_norm`` flags, (N, P)) and over the others."""
-    similarity = neighbour_cosine(patch_embeddings(backbone, images, batch_size)).flatten(1)
     high = similarity[high_norm]
     normal = similarity[~high_norm]
     return {
@@ -43,6 +45,17 @@ def neighbour_similarity(
         "mean_high_norm": high.mean().item() if len(high) else None,
         "mean_normal": normal.mean().item() if len(normal) else None,
     }
+
+
+def neighbour_similarity(
+    backbone: nn.Module, images: Images, high_norm: torch.Tensor, batch_size: int = 32
+) -> dict:
+    """``split_by_norm`` of the neighbour similarity of every patch of ``images``."""
+    similarity = [
+        patch_similarity(backbone, batch)
+        for batch in batches(images, batch_size, device_of(backbone))
+    ]
+    return split_by_norm(torch.cat(similarity), high_norm)
 
 
 def draw_neighbour_similarity(results: dict[str, dict], rule: OutlierRule | None = None):

@@ -54,6 +54,9 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> tuple:
     return weight, y_mean - x_mean @ weight
 
 
+MAX_TOKENS = 20000  # training tokens of the position and pixel probes at most
+
+
 def _sample(n: int, limit: int) -> torch.Tensor:
     if n <= limit:
         return torch.arange(n)
@@ -67,38 +70,136 @@ def _by_kind(values: torch.Tensor, high_norm: torch.Tensor) -> dict:
     }
 
 
+def patch_pixels(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Each patch's pixels, (N, P, 3 * patch_size**2), patches in row-major order."""
+    return F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2)
+
+
+class ProbeTokens:
+    """The tokens the position and pixel probes are fitted on, gathered as the images pass by:
+    a fixed random ``max_tokens`` of the patch tokens of the training images (``image_split``),
+    with their positions and pixels. Which tokens does not depend on how the images are
+    batched; only they are kept.
+
+    Attributes:
+        train: the training images; test: the test images.
+        positions: (K,) each token's patch index.
+        features: (K, D) the tokens; pixels: (K, 3 * patch_size**2) their patches' pixels (once
+            ``add`` has seen them).
+    """
+
+    def __init__(self, num_images: int, num_patches: int, max_tokens: int = MAX_TOKENS) -> None:
+        self.train, self.test = image_split(num_images)
+        self.num_patches = num_patches
+        keep = _sample(len(self.train) * num_patches, max_tokens)  # indices of train tokens
+        self.positions = keep % num_patches
+        self._slots = torch.argsort(keep)  # the tokens in the order the images come
+        self._sorted = keep[self._slots]
+        self._rank = torch.full((num_images,), -1)  # an image's place among the training ones
+        self._rank[self.train] = torch.arange(len(self.train))
+        self.features: torch.Tensor | None = None
+        self.pixels: torch.Tensor | None = None
+
+    def add(self, start: int, patches: torch.Tensor, pixels: torch.Tensor | None = None) -> None:
+        """Keep the chosen tokens of images ``start``... (``patches`` (B, P, D), and their
+        ``pixels`` (B, P, C) where the pixel probe is wanted)."""
+        if self.features is None:
+            self.features = patches.new_zeros(len(self._slots), patches.shape[-1])
+            if pixels is not None:
+                self.pixels = pixels.new_zeros(len(self._slots), pixels.shape[-1])
+        for i, rank in enumerate(self._rank[start : start + len(patches)].tolist()):
+            if rank < 0:
+                continue
+            first = rank * self.num_patches
+            lo, hi = torch.searchsorted(
+                self._sorted, torch.tensor([first, first + self.num_patches])
+            )
+            slots, tokens = self._slots[lo:hi], self._sorted[lo:hi] - first
+            self.features[slots] = patches[i, tokens].to(self.features)
+            if self.pixels is not None:
+                self.pixels[slots] = pixels[i, tokens].to(self.pixels)
+
+
+class PatchProbes:
+    """The position probe (softmax regression over the ``grid``'s patches, unless
+    ``position`` is False) and, where the tokens carry pixels, the pixel probe (ridge
+    regression), fitted on ``tokens`` standardized by their own mean and std, on ``device``;
+    ``score`` applies them to test tokens."""
+
+    def __init__(
+        self,
+        tokens: ProbeTokens,
+        grid: tuple[int, int],
+        device: str | torch.device = "cpu",
+        position: bool = True,
+    ) -> None:
+        self.grid, self.device = grid, device
+        x = tokens.features.to(device)
+        self.mean, self.std = x.mean(dim=0), x.std(dim=0).clamp_min(1e-6)  # as standardize
+        x = (x - self.mean) / self.std
+        self.position = None
+        if position:
+            positions = tokens.positions.to(device)
+            self.position = fit_softmax_regression(x, positions, tokens.num_patches)
+        self.ridge = None if tokens.pixels is None else fit_ridge(x, tokens.pixels.to(device))
+
+    def score(self, patches: torch.Tensor, pixels: torch.Tensor | None = None) -> dict:
+        """Per test token of ``patches`` (B, P, D), flattened: ``top1`` (1 where the position
+        probe finds the patch), ``distance`` (patches from the true position) and, with the
+        ``pixels`` (B, P, C) and a pixel probe, ``l2`` (error of the reconstructed pixels)."""
+        n, p, d = patches.shape
+        x = (patches.reshape(-1, d).to(self.device) - self.mean) / self.std
+        out = {}
+        if self.position is not None:
+            predicted = self.position(x).argmax(-1).cpu()
+            truth = torch.arange(p).expand(n, p).reshape(-1)
+            rows = lambda i: torch.stack([i // self.grid[1], i % self.grid[1]], -1).float()  # noqa: E731
+            out["top1"] = (predicted == truth).float()
+            out["distance"] = (rows(predicted) - rows(truth)).norm(dim=-1)
+        if self.ridge is not None and pixels is not None:
+            weight, bias = self.ridge
+            target = pixels.reshape(-1, pixels.shape[-1]).to(self.device)
+            out["l2"] = (x @ weight + bias - target).norm(dim=-1).cpu()
+        return out
+
+
+def probe_summary(scores: dict[str, torch.Tensor], high_norm: torch.Tensor) -> dict:
+    """The ``position`` and ``pixels`` results (None where not scored) from
+    ``PatchProbes.score``'s per-token ``scores`` of the test tokens and their ``high_norm``
+    flags, normal against high-norm."""
+    counts = {"normal": int((~high_norm).sum()), "high_norm": int(high_norm.sum())}
+    position = None
+    if "top1" in scores:
+        position = {
+            "top1": _by_kind(scores["top1"], high_norm),
+            "distance": _by_kind(scores["distance"], high_norm),
+            "test_tokens": counts,
+        }
+    pixels = {"l2": _by_kind(scores["l2"], high_norm)} if "l2" in scores else None
+    return {"position": position, "pixels": pixels}
+
+
+def _probe_in_memory(patches, grid, high_norm, max_tokens, device, images=None, patch_size=0):
+    tokens = ProbeTokens(len(patches), patches.shape[1], max_tokens)
+    pixels = None if images is None else patch_pixels(images, patch_size)
+    tokens.add(0, patches, pixels)
+    probes = PatchProbes(tokens, grid, device, position=pixels is None)
+    test = tokens.test
+    scores = probes.score(patches[test], None if pixels is None else pixels[test])
+    return probe_summary(scores, high_norm[test].reshape(-1))
+
+
 def position_probe(
     patches: torch.Tensor,
     grid: tuple[int, int],
     high_norm: torch.Tensor,
-    max_tokens: int = 20000,
+    max_tokens: int = MAX_TOKENS,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Predict each patch token's position (one of h x w classes) from the token alone:
     ``top1`` accuracy and mean ``distance`` (in patches) to the true position, for normal and
     high-norm test tokens. The probe is fitted on ``device``."""
-    n, p, d = patches.shape
-    train, test = image_split(n)
-    positions = torch.arange(p).expand(n, p)
-    x_train = patches[train].reshape(-1, d)
-    keep = _sample(len(x_train), max_tokens)
-    x_train, x_test = standardize(x_train[keep].to(device), patches[test].reshape(-1, d).to(device))
-    probe = fit_softmax_regression(x_train, positions[train].reshape(-1)[keep].to(device), p)
-    predicted = probe(x_test).argmax(-1).cpu()
-    truth = positions[test].reshape(-1)
-    rows = lambda i: torch.stack([i // grid[1], i % grid[1]], -1).float()  # noqa: E731
-    distance = (rows(predicted) - rows(truth)).norm(dim=-1)
-    flags = high_norm[test].reshape(-1)
-    return {
-        "top1": _by_kind((predicted == truth).float(), flags),
-        "distance": _by_kind(distance, flags),
-        "test_tokens": {"normal": int((~flags).sum()), "high_norm": int(flags.sum())},
-    }
-
-
-def patch_pixels(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Each patch's pixels, (N, P, 3 * patch_size**2), patches in row-major order."""
-    return F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2)
+    return _probe_in_memory(patches, grid, high_norm, max_tokens, device)["position"]
 
 
 def pixel_probe(
@@ -106,22 +207,63 @@ def pixel_probe(
     images: torch.Tensor,
     patch_size: int,
     high_norm: torch.Tensor,
-    max_tokens: int = 20000,
+    max_tokens: int = MAX_TOKENS,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Reconstruct each patch's (normalized) pixels from its token by ridge regression (fitted
     on ``device``): mean L2 error per token for normal and high-norm test tokens."""
-    n, p, d = patches.shape
-    train, test = image_split(n)
-    target = patch_pixels(images, patch_size)
-    x_train = patches[train].reshape(-1, d)
-    y_train = target[train].reshape(-1, target.shape[-1])
-    keep = _sample(len(x_train), max_tokens)
-    x_train, x_test = standardize(x_train[keep].to(device), patches[test].reshape(-1, d).to(device))
-    weight, bias = fit_ridge(x_train, y_train[keep].to(device))
-    y_test = target[test].reshape(-1, target.shape[-1]).to(device)
-    error = (x_test @ weight + bias - y_test).norm(dim=-1).cpu()
-    return {"l2": _by_kind(error, high_norm[test].reshape(-1))}
+    grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+    summary = _probe_in_memory(patches, grid, high_norm, max_tokens, device, images, patch_size)
+    return summary["pixels"]
+
+
+def classification_picks(high_norm: torch.Tensor, labels: torch.Tensor) -> dict | None:
+    """The tokens the class probe reads besides [CLS]: per image a random ``normal`` and a
+    random ``high_norm`` patch token (index, -1 where the image has none), drawn once for all
+    images; None without two labelled classes."""
+    if labels[labels >= 0].unique().numel() < 2:
+        return None
+    generator = torch.Generator().manual_seed(0)
+
+    def pick(flags: torch.Tensor) -> torch.Tensor:
+        scores = torch.rand(flags.shape, generator=generator).masked_fill(~flags, -1)
+        return torch.where(flags.any(dim=1), scores.argmax(dim=1), -1)
+
+    return {"normal": pick(~high_norm), "high_norm": pick(high_norm)}
+
+
+def picked_tokens(patches: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """The token ``choice`` (B,) of each image of ``patches`` (B, P, D) (its first where none)."""
+    return patches[torch.arange(len(patches)), choice.clamp_min(0)]
+
+
+def classify_picked(
+    cls: torch.Tensor,
+    picks: dict[str, torch.Tensor],
+    picked: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The class probe of ``token_classification`` on [CLS] ``cls`` (N, D) and on the tokens
+    ``picked`` (N, D) at ``picks`` (``classification_picks``)."""
+    known = labels >= 0
+    train, test = image_split(len(labels))
+    out = {}
+    for kind in ("cls", *picks):
+        if kind == "cls":
+            usable, features = known, cls
+        else:
+            usable, features = known & (picks[kind] >= 0), picked[kind]
+        tr, te = train[usable[train]], test[usable[test]]
+        if labels[tr].unique().numel() < 2 or not len(te):
+            out[kind] = {"accuracy": None, "test_images": int(len(te))}
+            continue
+        x_train, x_test = standardize(features[tr].to(device), features[te].to(device))
+        probe = fit_softmax_regression(x_train, labels[tr].to(device), int(labels.max()) + 1)
+        predicted = probe(x_test).argmax(-1).cpu()
+        accuracy = (predicted == labels[te]).float().mean().item()
+        out[kind] = {"accuracy": accuracy, "test_images": int(len(te))}
+    return out
 
 
 def token_classification(
@@ -135,37 +277,11 @@ def token_classification(
     a random high-norm patch token of each image (images without one are left out): test
     accuracy of each, and the test images each was scored on (fitted on ``device``). None
     without two labelled classes."""
-    known = labels >= 0
-    if labels[known].unique().numel() < 2:
+    picks = classification_picks(high_norm, labels)
+    if picks is None:
         return None
-    generator = torch.Generator().manual_seed(0)
-
-    def pick(flags: torch.Tensor) -> torch.Tensor:
-        # One flagged token per image (-1 where none), drawn at random.
-        scores = torch.rand(flags.shape, generator=generator).masked_fill(~flags, -1)
-        best = scores.argmax(dim=1)
-        return torch.where(flags.any(dim=1), best, -1)
-
-    rows = torch.arange(len(labels))
-    choices = {"cls": None, "normal": pick(~high_norm), "high_norm": pick(high_norm)}
-    train, test = image_split(len(labels))
-    out = {}
-    for kind, choice in choices.items():
-        if choice is None:
-            usable, features = known, cls
-        else:
-            usable = known & (choice >= 0)
-            features = patches[rows, choice.clamp_min(0)]
-        tr, te = train[usable[train]], test[usable[test]]
-        if labels[tr].unique().numel() < 2 or not len(te):
-            out[kind] = {"accuracy": None, "test_images": int(len(te))}
-            continue
-        x_train, x_test = standardize(features[tr].to(device), features[te].to(device))
-        probe = fit_softmax_regression(x_train, labels[tr].to(device), int(labels.max()) + 1)
-        predicted = probe(x_test).argmax(-1).cpu()
-        accuracy = (predicted == labels[te]).float().mean().item()
-        out[kind] = {"accuracy": accuracy, "test_images": int(len(te))}
-    return out
+    picked = {kind: picked_tokens(patches, choice) for kind, choice in picks.items()}
+    return classify_picked(cls, picks, picked, labels, device)
 
 
 # (title, y label, scale to the axis unit, the values by token kind of one model's results)

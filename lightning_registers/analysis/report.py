@@ -40,7 +40,7 @@ def model_summary(result: dict, loaded, images) -> dict:
     summary = {
         "checkpoint": loaded.name,
         "backbone": loaded.model.config.as_kwargs(),
-        "images": {"count": len(images), "image_size": images.images.shape[-1]},
+        "images": {"count": len(images), "image_size": images.image_size},
         "norms": result["norm_summary"],
         "neighbour_similarity": {
             "high_norm": result["neighbours"]["mean_high_norm"],

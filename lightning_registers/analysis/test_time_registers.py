@@ -26,7 +26,7 @@ from torch import nn
 
 from ..measures.norms import OutlierRule, layer_name, token_norms
 from ..models import ViTConfig
-from .tokens import batches, device_of
+from .tokens import Images, batches, device_of
 
 VALUE_RULES = ("neuron_max", "sign_max")
 TOKENS = ("patches", "all")
@@ -71,10 +71,30 @@ def model_family(config: ViTConfig) -> FamilyConfig | None:
     return FAMILIES.get(key)
 
 
+def all_token_norms(kinds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One layer's ``token_norms`` as (B, T): [CLS], registers, patches."""
+    return torch.cat([kinds["cls"][:, None], kinds["registers"], kinds["patches"]], 1)
+
+
+def outlier_flags(
+    norms: torch.Tensor, rule: OutlierRule, tokens: str = "patches", num_prefix_tokens: int = 1
+) -> torch.Tensor:
+    """Flags (N, T) of the tokens of ``norms`` (N, T; ``all_token_norms``) that ``rule``
+    flags, judged among ``all`` tokens or the ``patches`` only (the others then unflagged)."""
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+    if tokens == "all":
+        return rule.mask(norms)
+    r = num_prefix_tokens
+    flags = torch.zeros_like(norms, dtype=torch.bool)
+    flags[:, r:] = rule.mask(norms[:, r:])
+    return flags
+
+
 @torch.no_grad()
 def outlier_tokens(
     backbone: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     rule: OutlierRule,
     layer: int = -1,
     tokens: str = "patches",
@@ -88,43 +108,76 @@ def outlier_tokens(
     layer %= backbone.depth
     parts = []
     for batch in batches(images, batch_size, device_of(backbone)):
-        kinds = token_norms(backbone, batch, [layer])[layer_name(layer)]
-        parts.append(torch.cat([kinds["cls"][:, None], kinds["registers"], kinds["patches"]], 1))
-    norms = torch.cat(parts).cpu()
-    if tokens == "all":
-        return rule.mask(norms)
-    r = backbone.num_prefix_tokens
-    flags = torch.zeros_like(norms, dtype=torch.bool)
-    flags[:, r:] = rule.mask(norms[:, r:])
-    return flags
+        parts.append(all_token_norms(token_norms(backbone, batch, [layer])[layer_name(layer)]))
+    return outlier_flags(torch.cat(parts).cpu(), rule, tokens, backbone.num_prefix_tokens)
 
 
-def _score_hooks(backbone: nn.Module, blocks: range, state: dict, per_image: bool, sparsity: bool):
-    """Hooks that add each block's neuron scores of a batch (outliers ``state["flags"]``,
-    (B, T)) to ``state["totals"][block]``."""
+class NeuronScores:
+    """Scores of the MLP hidden neurons (the input of ``fc2``) of ``blocks`` at the outlier
+    positions ``flags`` (N, T), added up over forwards of the images in order: while open
+    (``with``), hooks read each forward's activations, and ``at`` says which images the next
+    forward holds. ``per_image`` averages each image's positions first; ``sparsity`` is the
+    reference notebook's filter (see the module)."""
 
-    def add(index: int):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        flags: torch.Tensor,
+        blocks: range,
+        per_image: bool = False,
+        sparsity: bool = False,
+    ) -> None:
+        self.backbone, self.flags, self.blocks = backbone, flags, blocks
+        self.per_image, self.sparsity = per_image, sparsity
+        self.width = backbone.blocks[0].mlp.fc2.in_features
+        self.totals = torch.zeros(len(blocks), self.width)
+        self._current = flags[:0]
+        self._handles: list = []
+
+    def at(self, start: int, count: int) -> None:
+        """The next forward holds images ``start`` to ``start + count``."""
+        self._current = self.flags[start : start + count].to(device_of(self.backbone))
+
+    def _hook(self, index: int):
         def hook(module, args):
             hidden = args[0].float()  # (B, T, H): the MLP's hidden activations
-            flags = state["flags"].to(hidden.dtype)
+            flags = self._current.to(hidden.dtype)
             sums = torch.einsum("bt,bth->bh", flags, hidden.abs())
-            if sparsity:
+            if self.sparsity:
                 low = (hidden < SPARSITY_ACTIVATION).sum(dim=1)
                 sums = sums * (low >= SPARSITY_SHARE * hidden.shape[1])
-            if per_image:
+            if self.per_image:
                 counts = flags.sum(dim=1)
                 sums = sums[counts > 0] / counts[counts > 0, None]
-            state["totals"][index] += sums.sum(dim=0).cpu()
+            self.totals[index] += sums.sum(dim=0).cpu()
 
         return hook
 
-    return [backbone.blocks[i].mlp.fc2.register_forward_pre_hook(add(i)) for i in blocks]
+    def __enter__(self) -> NeuronScores:
+        self._handles = [
+            self.backbone.blocks[i].mlp.fc2.register_forward_pre_hook(self._hook(i))
+            for i in self.blocks
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def best(self, top_k: int) -> list[RegisterNeuron]:
+        """The ``top_k`` register neurons, highest score first (equal scores: lower block, then
+        lower neuron first)."""
+        counted = self.flags.any(dim=1).sum() if self.per_image else self.flags.sum()
+        scores = (self.totals / counted).flatten()
+        best = torch.argsort(scores, descending=True, stable=True)[:top_k]
+        width = self.width
+        return [RegisterNeuron(int(i) // width, int(i) % width, float(scores[i])) for i in best]
 
 
 @torch.no_grad()
 def find_register_neurons(
     backbone: nn.Module,
-    images: torch.Tensor,
+    images: Images,
     top_k: int = 10,
     rule: OutlierRule | None = None,
     layer: int = -1,
@@ -145,21 +198,13 @@ def find_register_neurons(
         return []
     top = layer if top_layer is None else top_layer
     blocks = range(top % backbone.depth + 1)
-    width = backbone.blocks[0].mlp.fc2.in_features
-    state: dict = {"totals": torch.zeros(len(blocks), width)}
-    handles = _score_hooks(backbone, blocks, state, average == "per_image", sparsity)
-    device = device_of(backbone)
-    try:
-        for start in range(0, len(images), batch_size):
-            state["flags"] = flags[start : start + batch_size].to(device)
-            backbone(images[start : start + batch_size].to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    counted = flags.any(dim=1).sum() if average == "per_image" else flags.sum()
-    scores = (state["totals"] / counted).flatten()
-    best = torch.argsort(scores, descending=True, stable=True)[:top_k]
-    return [RegisterNeuron(int(i) // width, int(i) % width, float(scores[i])) for i in best]
+    start = 0
+    with NeuronScores(backbone, flags, blocks, average == "per_image", sparsity) as scores:
+        for batch in batches(images, batch_size, device_of(backbone)):
+            scores.at(start, len(batch))
+            backbone(batch)
+            start += len(batch)
+    return scores.best(top_k)
 
 
 def sign_max(values: torch.Tensor) -> torch.Tensor:
