@@ -6,7 +6,8 @@ and float images scaled from their value range to 8 bits, transparent pixels com
 white, every other mode (palette, CMYK, LAB, ...) converted to RGB by Pillow; an animated image
 gives its first frame. An image over ``MAX_PIXELS`` is decoded at 1/2, 1/4 or 1/8 of its size
 where the format allows (JPEG), and refused otherwise, before its pixels are decoded. A caller
-whose crops need fewer pixels (a training transform) may ask for a JPEG decoded reduced too.
+whose crops need fewer pixels (a training transform) may ask for a JPEG decoded reduced too, and
+for the image as a uint8 tensor (``decode_image_tensor``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import io
 import json
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 DRAFT_SCALES = (1, 2, 4, 8)
@@ -91,21 +95,55 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(data: bytes, draft_scale: DraftScale | None = None) -> Image.Image:
-    """The image encoded in ``data`` as RGB, upright, within ``MAX_PIXELS`` (see the module); a
-    JPEG decoded at 1/s of its size where ``draft_scale(width, height)`` gives s > 1 (what the
-    crops that follow allow)."""
+@contextmanager
+def _opened(data: bytes) -> Iterator[Image.Image]:
+    """``data`` opened by Pillow (header read, pixels not yet decoded)."""
     with warnings.catch_warnings():
         # Our limit is below Pillow's decompression-bomb warning; JPEGs above it are reduced.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            _reduce(image, draft_scale)
-            return to_rgb(ImageOps.exif_transpose(image))
+            yield image
+
+
+def open_image(data: bytes, draft_scale: DraftScale | None = None) -> Image.Image:
+    """The image encoded in ``data`` as RGB, upright, within ``MAX_PIXELS`` (see the module); a
+    JPEG decoded at 1/s of its size where ``draft_scale(width, height)`` gives s > 1 (what the
+    crops that follow allow)."""
+    with _opened(data) as image:
+        _reduce(image, draft_scale)
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def open_image_tensor(data: bytes, draft_scale: DraftScale | None = None) -> torch.Tensor:
+    """``open_image``'s pixels as a uint8 tensor (3, H, W). A colour or grayscale JPEG decoded
+    at full size goes from libjpeg-turbo straight into the tensor (torchvision's
+    ``decode_jpeg``, EXIF orientation applied: the same pixels without Pillow's copies);
+    anything else goes through ``open_image``."""
+    with _opened(data) as image:
+        width, height = image.size
+        direct = (
+            image.format == "JPEG"
+            and image.mode in ("RGB", "L")
+            and width * height <= MAX_PIXELS
+            and (draft_scale is None or draft_scale(width, height) == 1)
+        )
+    if direct:
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        try:
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            pass  # open_image says what is wrong with it, in Pillow's words
+    return torch.from_numpy(np.array(open_image(data, draft_scale))).permute(2, 0, 1)
 
 
 def decode_image(sample: dict, draft_scale: DraftScale | None = None) -> Image.Image:
     """The sample's image as RGB (see ``open_image``)."""
     return open_image(_field(sample, IMAGE_KEYS, "image"), draft_scale)
+
+
+def decode_image_tensor(sample: dict, draft_scale: DraftScale | None = None) -> torch.Tensor:
+    """The sample's image as a uint8 tensor (3, H, W) (see ``open_image_tensor``)."""
+    return open_image_tensor(_field(sample, IMAGE_KEYS, "image"), draft_scale)
 
 
 def decode_label(sample: dict) -> int:

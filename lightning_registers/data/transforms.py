@@ -25,7 +25,13 @@ from torchvision.transforms import v2
 
 from .masking import BlockMaskGenerator, stratified_masks
 from .photometric import PHOTOMETRIC, Photometric, PhotometricStage, concat
-from .samples import MissingFieldError, decode_caption, decode_image, decode_label
+from .samples import (
+    MissingFieldError,
+    decode_caption,
+    decode_image,
+    decode_image_tensor,
+    decode_label,
+)
 
 BICUBIC = v2.InterpolationMode.BICUBIC
 
@@ -231,7 +237,7 @@ class ThreeAugment:
 
     def __call__(self, sample: dict) -> dict:
         label = decode_label(sample)
-        image = v2.functional.to_image(decode_image(sample, self.draft_scale))
+        image = tv_tensors.Image(decode_image_tensor(sample, self.draft_scale))
         out = {"image": self.transform(image), "label": label}
         if self.batch_stage is not None:
             drawn = self.photometric.draw(1)
@@ -364,7 +370,7 @@ class MultiCropTransform:
         return self.masks(int(ratio * self.masks.num_patches))
 
     def __call__(self, sample: dict) -> dict:
-        image = v2.functional.to_image(decode_image(sample, self.draft_scale))
+        image = tv_tensors.Image(decode_image_tensor(sample, self.draft_scale))
         local = [self.crops["local"](image) for _ in range(self.num_local_crops)]
         out = {
             "global_crops": torch.stack(

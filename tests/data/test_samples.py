@@ -1,11 +1,14 @@
-"""Decoding images and labels: value ranges, transparency, orientation, size limits, labels."""
+"""Decoding images and labels: value ranges, transparency, orientation, size limits, labels, and
+the tensor decode."""
 
 import io
 import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import decode_jpeg
 
 from lightning_registers.data import samples
 from lightning_registers.data.samples import check_label, decode_label, open_image
@@ -137,3 +140,62 @@ def test_labels_are_checked_against_the_number_of_classes():
     check_label({}, 10)  # no label: nothing to check
     with pytest.raises(ValueError, match="class label 10 is out of range for num_classes=10"):
         check_label({"__key__": "k", "cls": b"10"}, 10)
+
+
+def _photo(mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 255, 96)
+    pixels = np.stack(
+        [
+            x[None, :] + 0 * x[:72, None],
+            x[:72, None] + 0 * x[None, :],
+            0 * x[None, :] + 90 + 0 * x[:72, None],
+        ],
+        2,
+    )
+    pixels[20:40, 30:60] = rng.integers(0, 256, (20, 30, 3))
+    return Image.fromarray(pixels.astype(np.uint8)).convert(mode)
+
+
+def _rotated(image: Image.Image) -> dict:
+    exif = image.getexif()
+    exif[0x0112] = 6
+    return {"exif": exif.tobytes()}
+
+
+@pytest.mark.parametrize(
+    "image, fmt, options, direct",
+    [
+        (_photo(), "JPEG", {"quality": 90}, True),
+        (_photo(), "JPEG", {"quality": 75, "subsampling": 0, "progressive": True}, True),
+        (_photo("L"), "JPEG", {}, True),
+        (_photo(), "JPEG", _rotated(_photo()), True),
+        (_photo("CMYK"), "JPEG", {}, False),
+        (_photo("RGBA"), "PNG", {}, False),
+    ],
+)
+def test_the_tensor_decode_has_the_pixels_of_the_image_decode(
+    monkeypatch, image, fmt, options, direct
+):
+    """libjpeg-turbo straight into the tensor for plain JPEGs, Pillow for the rest: the same
+    pixels either way."""
+    calls = []
+    monkeypatch.setattr(
+        samples, "decode_jpeg", lambda *a, **k: calls.append(1) or decode_jpeg(*a, **k)
+    )
+    data = encode(image, fmt, **options)
+    tensor = samples.open_image_tensor(data)
+    assert tensor.dtype == torch.uint8 and tensor.shape[0] == 3
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(open_image(data)))
+    assert bool(calls) == direct
+
+
+def test_the_tensor_decode_of_a_reduced_or_broken_jpeg_is_the_image_decodes():
+    data = encode(_photo(), "JPEG")
+    reduced = samples.open_image_tensor(data, lambda w, h: 2)
+    assert reduced.shape == (3, 36, 48)
+    np.testing.assert_array_equal(
+        reduced.permute(1, 2, 0).numpy(), np.asarray(open_image(data, lambda w, h: 2))
+    )
+    with pytest.raises(OSError, match="truncated"):
+        samples.open_image_tensor(data[: len(data) // 2])
