@@ -403,7 +403,12 @@ def main(argv: list[str] | None = None) -> None:
         if args and args[0] in COMMANDS:
             COMMANDS[args[0]](args[1:])
         else:
-            lightning_main(expand_config_args(args))
+            expanded = expand_config_args(args)
+            if argv is None:  # LightningCLI reads the command line itself (and warns if given it)
+                sys.argv[1:] = expanded
+                lightning_main()
+            else:
+                lightning_main(expanded)
             close_process_group()
     except FileNotFoundError as exn:
         # Missing shards or input files are the user's to fix: no traceback.
