@@ -77,9 +77,9 @@ def patch_pixels(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 class ProbeTokens:
     """The tokens the position and pixel probes are fitted on, gathered as the images pass by:
-    a fixed random ``max_tokens`` of the patch tokens of the training images (``image_split``),
-    with their positions and pixels. Which tokens does not depend on how the images are
-    batched; only they are kept.
+    a fixed random ``max_tokens`` (default ``MAX_TOKENS``) of the patch tokens of the training
+    images (``image_split``), with their positions and pixels. Which tokens does not depend on
+    how the images are batched; only they are kept.
 
     Attributes:
         train: the training images; test: the test images.
@@ -88,10 +88,11 @@ class ProbeTokens:
             ``add`` has seen them).
     """
 
-    def __init__(self, num_images: int, num_patches: int, max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(self, num_images: int, num_patches: int, max_tokens: int | None = None) -> None:
         self.train, self.test = image_split(num_images)
         self.num_patches = num_patches
-        keep = _sample(len(self.train) * num_patches, max_tokens)  # indices of train tokens
+        limit = max_tokens or MAX_TOKENS
+        keep = _sample(len(self.train) * num_patches, limit)  # indices of train tokens
         self.positions = keep % num_patches
         self._slots = torch.argsort(keep)  # the tokens in the order the images come
         self._sorted = keep[self._slots]
