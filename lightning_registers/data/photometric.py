@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 PHOTOMETRIC = "photometric"
-"""Batch key of the drawn parameters: ``{images key: {parameter: tensor}}``."""
+"""Batch key of the drawn parameters: ``{images key: packed parameters}`` (``pack``)."""
 JITTER = ("brightness", "contrast", "saturation", "hue")
 """The colour-jitter ops as torchvision's ColorJitter numbers them (``order``, ``factors``)."""
 IDENTITY = (1.0, 1.0, 1.0, 0.0)
@@ -193,34 +193,59 @@ class Photometric:
         ``JITTER`` ops; ``factors`` (n, 4), their factors in ``JITTER``'s order (``IDENTITY``
         for an op left out); ``jitter``, ``grayscale``, ``blur``, ``solarize`` (n,), whether
         each applies; ``sigma`` (n,), the blur's standard deviation."""
-        strengths = torch.tensor(self.jitter, dtype=torch.float32)
-        identity = torch.tensor(IDENTITY)
-        low = torch.cat([(1 - strengths[:3]).clamp(min=0), -strengths[3:]])
-        high = torch.cat([1 + strengths[:3], strengths[3:]])
-        factors = low + (high - low) * torch.rand(n, 4)
+        b, c, s, h = self.jitter
+        low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+        high = torch.tensor([1 + b, 1 + c, 1 + s, h])  # an op left out: low = high = identity
+        u = torch.rand(n, 14)  # one uniform number a parameter, drawn at once
+        sigma_low, sigma_high = self.blur_sigma
         params = {
-            "order": torch.rand(n, 4).argsort(dim=1),
-            "factors": torch.where(strengths > 0, factors, identity),
-            "jitter": torch.rand(n) < self.jitter_p,
-            "sigma": self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * torch.rand(n),
+            "order": u[:, 4:8].argsort(dim=1),
+            "factors": low + (high - low) * u[:, :4],
+            "jitter": u[:, 8] < self.jitter_p,
+            "sigma": sigma_low + (sigma_high - sigma_low) * u[:, 9],
+            "grayscale": u[:, 10] < self.grayscale_p,
+            "blur": u[:, 11] < self.blur_p,
+            "solarize": u[:, 12] < self.solarize_p,
         }
-        for op in ("grayscale", "blur", "solarize"):
-            params[op] = torch.rand(n) < getattr(self, f"{op}_p")
         if self.one_of:
-            choice = torch.randint(len(self.one_of), (n,))
+            choice = (u[:, 13] * len(self.one_of)).long().clamp(max=len(self.one_of) - 1)
             for i, op in enumerate(self.one_of):
                 params[op] = choice == i
         return params
 
 
-def concat(*draws: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The parameters of several ``draw`` calls as one set, in order."""
-    return {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
+_LAYOUT = {
+    "order": 4,
+    "factors": 4,
+    "sigma": 1,
+    "jitter": 1,
+    "grayscale": 1,
+    "blur": 1,
+    "solarize": 1,
+}
+_FLAGS = ("jitter", "grayscale", "blur", "solarize")
+
+
+def pack(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``draw``'s parameters of n crops as one float tensor (n, 13), the form a batch carries
+    them in: one tensor to collate and send rather than seven."""
+    return torch.cat([params[key].float().reshape(-1, width) for key, width in _LAYOUT.items()], 1)
+
+
+def unpack(packed: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``pack``'s tensor (n, 13) as ``draw``'s parameters."""
+    params = dict(zip(_LAYOUT, packed.split(list(_LAYOUT.values()), dim=1), strict=True))
+    params["order"] = params["order"].long()
+    params["sigma"] = params["sigma"][:, 0]
+    for key in _FLAGS:
+        params[key] = params[key][:, 0] > 0.5
+    return params
 
 
 class PhotometricStage:
     """Applies drawn parameters (``Photometric.draw``) to uint8 crops: each op of ``order`` to
-    the crops drawn for it, then normalization; normalized float32 crops out.
+    the crops drawn for it, then normalization; normalized float32 crops out. A batch carries
+    the parameters packed (``pack``) under ``PHOTOMETRIC``.
 
     Args:
         order: the ops in the order applied, names from ``OPS``.
@@ -279,14 +304,13 @@ class PhotometricStage:
                 _on_rows(x, rows, op, factors[:, index])
 
     def __call__(self, batch: dict) -> dict:
-        """``batch`` with the crops of every key under ``PHOTOMETRIC`` augmented by their
+        """``batch`` with the crops of every key under ``PHOTOMETRIC`` augmented by their packed
         parameters and normalized (any leading shape: (B, 3, H, W), (B, n, 3, H, W)), and
         ``PHOTOMETRIC`` removed."""
         batch = dict(batch)
-        for key, params in batch.pop(PHOTOMETRIC).items():
+        for key, packed in batch.pop(PHOTOMETRIC).items():
             images = batch[key]
             lead = images.dim() - 3
-            flat = {name: value.flatten(0, lead - 1) for name, value in params.items()}
-            out = self.apply(images.flatten(0, lead - 1), flat)
-            batch[key] = out.view(images.shape)
+            params = unpack(packed.flatten(0, lead - 1))
+            batch[key] = self.apply(images.flatten(0, lead - 1), params).view(images.shape)
         return batch

@@ -24,7 +24,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .masking import BlockMaskGenerator, stratified_masks
-from .photometric import PHOTOMETRIC, Photometric, PhotometricStage, concat
+from .photometric import PHOTOMETRIC, Photometric, PhotometricStage, pack
 from .samples import (
     MissingFieldError,
     decode_caption,
@@ -100,14 +100,19 @@ class ReflectPadCrop(v2.RandomCrop):
     def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
         left, top = params["padding"][:2]
         out = inpt
+        # Columns first: a window within the image is a view; gathering along rows is cheap.
         for dim, start, length in (
-            (-2, params["top"] - top, params["height"]),
             (-1, params["left"] - left, params["width"]),
+            (-2, params["top"] - top, params["height"]),
         ):
             size = inpt.shape[dim]
+            if 0 <= start and start + length <= size:
+                out = out.narrow(dim, start, length)
+                continue
             index = torch.arange(start, start + length).abs()  # reflected before the start
             index = torch.where(index >= size, 2 * (size - 1) - index, index)  # and past the end
             out = out.index_select(dim, index)
+        out = out.contiguous()
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
 
 
@@ -240,8 +245,7 @@ class ThreeAugment:
         image = tv_tensors.Image(decode_image_tensor(sample, self.draft_scale))
         out = {"image": self.transform(image), "label": label}
         if self.batch_stage is not None:
-            drawn = self.photometric.draw(1)
-            out[PHOTOMETRIC] = {"image": {key: value[0] for key, value in drawn.items()}}
+            out[PHOTOMETRIC] = {"image": pack(self.photometric.draw(1))[0]}
         return out
 
 
@@ -381,13 +385,10 @@ class MultiCropTransform:
             "label": _optional_label(sample),
         }
         if self.batch_stage is not None:
-            drawn = {
-                "global_crops": concat(
-                    *(self.photometric[g].draw(1) for g in ("global1", "global2"))
-                )
-            }
+            first, second = (pack(self.photometric[g].draw(1)) for g in ("global1", "global2"))
+            drawn = {"global_crops": torch.cat([first, second])}
             if local:
-                drawn["local_crops"] = self.photometric["local"].draw(self.num_local_crops)
+                drawn["local_crops"] = pack(self.photometric["local"].draw(self.num_local_crops))
             out[PHOTOMETRIC] = drawn
         return out
 

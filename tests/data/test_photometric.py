@@ -23,8 +23,10 @@ from lightning_registers.data.photometric import (
     adjust_saturation,
     gaussian_blur,
     grayscale,
+    pack,
     pil_gaussian_blur,
     solarize,
+    unpack,
 )
 from lightning_registers.data.transforms import (
     DINO_ORDER,
@@ -239,7 +241,7 @@ def test_batched_and_per_sample_paths_give_the_same_statistics(monkeypatch, one_
     assert abs(float(params["jitter"].float().mean()) - spec.jitter_p) <= 0.05
 
 
-def test_draws_follow_torchvisions_ranges_and_one_of_chooses_exactly_one():
+def test_draws_follow_torchvisions_ranges_one_of_chooses_exactly_one_and_pack_keeps_them():
     torch.manual_seed(0)
     draws = Photometric(jitter=(0.4, 0.3, 0.2, 0.1)).draw(20000)
     factors = draws["factors"]
@@ -255,6 +257,10 @@ def test_draws_follow_torchvisions_ranges_and_one_of_chooses_exactly_one():
     one_of = ThreeAugment().photometric.draw(3000)
     chosen = torch.stack([one_of[op] for op in ("grayscale", "solarize", "blur")])
     assert (chosen.sum(0) == 1).all()
+    unpacked = unpack(pack(one_of))
+    assert unpacked.keys() == one_of.keys()
+    for key, value in one_of.items():
+        assert torch.equal(unpacked[key], value), key
     with pytest.raises(ValueError, match="one_of"):
         Photometric(one_of=("hue",))
     with pytest.raises(ValueError, match="blur"):
@@ -276,12 +282,12 @@ def test_on_device_transforms_give_uint8_crops_and_their_draws(demo_shards):
     batch = on_device.collate([on_device(s) for s in samples])
     assert batch["global_crops"].dtype == torch.uint8
     assert batch["global_crops"].shape == (3, 2, 3, 32, 32)
-    drawn = batch[PHOTOMETRIC]
-    assert drawn["global_crops"]["order"].shape == (3, 2, 4)
-    assert drawn["local_crops"]["factors"].shape == (3, 3, 4)
-    # The second global crop alone may be solarized; the first is blurred (chance 1).
-    assert drawn["global_crops"]["blur"][:, 0].all()
-    assert not drawn["global_crops"]["solarize"][:, 0].any()
+    drawn = batch[PHOTOMETRIC]  # packed: 13 numbers a crop
+    assert drawn["global_crops"].shape == (3, 2, 13)
+    assert drawn["local_crops"].shape == (3, 3, 13)
+    params = unpack(drawn["global_crops"][:, 0])
+    # The first global crop is always blurred and never solarized.
+    assert params["blur"].all() and not params["solarize"].any()
     out = on_device.batch_stage(batch)
     assert PHOTOMETRIC not in out and out["global_crops"].dtype == torch.float32
     assert out["global_crops"].shape == (3, 2, 3, 32, 32)
@@ -289,7 +295,8 @@ def test_on_device_transforms_give_uint8_crops_and_their_draws(demo_shards):
     assert out["global_crops"].min() < -1.0 and out["global_crops"].max() > 1.0  # normalized
     single = ThreeAugment(32, crop="src", photometric_on_device=True)
     batch = default_collate([single(s) for s in samples])
-    assert batch["image"].dtype == torch.uint8 and batch[PHOTOMETRIC]["image"]["jitter"].all()
+    assert batch["image"].dtype == torch.uint8 and batch[PHOTOMETRIC]["image"].shape == (3, 13)
+    assert unpack(batch[PHOTOMETRIC]["image"])["jitter"].all()
     assert single.batch_stage(batch)["image"].shape == (3, 3, 32, 32)
 
 
