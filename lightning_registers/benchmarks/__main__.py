@@ -10,13 +10,14 @@ import sys
 
 import torch
 
-from . import backbone, data, monitoring, scale
+from . import analysis, backbone, data, monitoring, scale
 
 SECTIONS = {
     "backbone": backbone.run,
     "data": data.run,
     "monitoring": monitoring.run,
     "scale": scale.run,
+    "analysis": analysis.run,
 }
 
 
