@@ -38,7 +38,7 @@ from lightning_registers.objectives import SupervisedModule
 DEMO = Path("data/demo/train")
 
 
-def _rate(loader, samples: int) -> float:
+def loader_rate(loader, samples: int) -> float:
     iterator = iter(loader)
     next(iterator)  # workers started, first batch made
     start, seen = time.perf_counter(), 0
@@ -96,7 +96,7 @@ def demo_section(samples: int = 2048, batch_size: int = 64, workers: int = 2) ->
         plain = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
         plain = plain.decode("torchrgb").to_tuple("png", "cls")
         rates = {
-            "webdataset plain decode (peer)": _rate(
+            "webdataset plain decode (peer)": loader_rate(
                 DataLoader(plain, batch_size=batch_size, num_workers=workers), samples
             )
         }
@@ -112,7 +112,7 @@ def demo_section(samples: int = 2048, batch_size: int = 64, workers: int = 2) ->
                 urls, transform, train=True, samples_per_epoch=10**9, batch_size=batch_size
             )
             loader = DataLoader(stream, batch_size=batch_size, num_workers=workers)
-            rates[name] = _rate(loader, samples)
+            rates[name] = loader_rate(loader, samples)
     model_rate = 128 / demo_step_seconds(128)
     lines = [
         "## Data pipelines",
@@ -224,7 +224,7 @@ def deit3_pipeline() -> PILPipeline:
     return PILPipeline({"image": [transform]})
 
 
-def _loader(urls: list[str], transform, batch_size: int, workers: int) -> DataLoader:
+def shard_loader(urls: list[str], transform, batch_size: int, workers: int) -> DataLoader:
     stream = ShardStream(
         urls, transform, train=True, samples_per_epoch=10**9, batch_size=batch_size
     )
@@ -234,7 +234,7 @@ def _loader(urls: list[str], transform, batch_size: int, workers: int) -> DataLo
 
 def _stage_rate(transform, urls: list[str], batch_size: int, repeats: int = 3) -> float:
     """Samples/s of ``transform.batch_stage`` on one CPU thread, best of ``repeats`` batches."""
-    batch = next(iter(_loader(urls, transform, batch_size, 0)))
+    batch = next(iter(shard_loader(urls, transform, batch_size, 0)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -254,8 +254,8 @@ def _compare(urls, pipelines: dict, samples: dict, batch_size: int, workers: int
     best = dict.fromkeys(pipelines, 0.0)
     for _ in range(rounds):
         for name, transform in pipelines.items():
-            loader = _loader(urls, transform, batch_size, workers)
-            best[name] = max(best[name], _rate(loader, samples[name]) / workers)
+            loader = shard_loader(urls, transform, batch_size, workers)
+            best[name] = max(best[name], loader_rate(loader, samples[name]) / workers)
     return best
 
 
