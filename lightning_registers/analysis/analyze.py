@@ -282,11 +282,11 @@ def analyze_backbone(
         per_image = search["average"] == "per_image"
         neuron_scores = NeuronScores(backbone, flags, blocks, per_image, search["sparsity"])
     result["probes"] = _probes_pass(
-        backbone, images, settings, passes, probe_tokens, torch.cat(cls), high, neuron_scores
+        backbone, images, passes, grid, probe_tokens, torch.cat(cls), high, neuron_scores
     )
     neurons = neuron_scores.best(search["top_k"]) if neuron_scores else []
     result["ttr"] = test_time_register_effect(
-        backbone, images, settings, high, search, neurons, passes
+        backbone, images, settings, high, search, neurons, progress
     )
     return result
 
@@ -294,8 +294,8 @@ def analyze_backbone(
 def _probes_pass(
     backbone: nn.Module,
     images: ImageSet,
-    settings: AnalysisSettings,
     passes: _Passes,
+    grid: tuple[int, int],
     probe_tokens: ProbeTokens,
     cls: torch.Tensor,
     high_norm: torch.Tensor,
@@ -304,7 +304,6 @@ def _probes_pass(
     """The second pass: the probes scored on the test images' tokens and the class probe on
     the tokens it reads, while ``neuron_scores`` (where given) add up."""
     device, patch = device_of(backbone), backbone.patch_size
-    grid = patch_grid((images.image_size, images.image_size), patch)
     probes = PatchProbes(probe_tokens, grid, device)
     picks = classification_picks(high_norm, images.labels) or {}
     test = torch.zeros(len(images), dtype=torch.bool)
@@ -337,15 +336,16 @@ def test_time_register_effect(
     high_norm: torch.Tensor,
     search: dict | None = None,
     neurons: list | None = None,
-    passes: _Passes | None = None,
+    progress=None,
 ) -> dict | None:
     """Add a test-time register for the register ``neurons`` (default: found as ``search``
     says, default ``register_neuron_search``), and measure the norms, attention maps and LOST
     again, in a pass over the images beside the backbone itself; ``normal_token_cosine`` (and
     ``high_norm_token_cosine``): mean cosine similarity of each normal (high-norm, as
-    ``high_norm`` flags) output patch token before and after. None without register neurons."""
+    ``high_norm`` flags) output patch token before and after. None without register neurons.
+    ``progress``: a tqdm bar, a step for the pass."""
     search = search or register_neuron_search(backbone, settings)
-    passes = passes or _Passes(images, settings.batch_size, device_of(backbone))
+    passes = _Passes(images, settings.batch_size, device_of(backbone), progress)
     if neurons is None:
         neurons = find_register_neurons(
             backbone,

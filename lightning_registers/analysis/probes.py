@@ -2,6 +2,11 @@
 other half, high-norm against normal tokens: the patch's position and its pixels (paper Fig. 7),
 and the image's class from one token (Fig. 8).
 
+The position and pixel probes train on a fixed random ``MAX_TOKENS`` of the training images'
+patch tokens and are scored on every token of the test images, both gathered as the images
+pass by (``ProbeTokens``, ``PatchProbes``): what is kept is those training tokens and a few
+numbers per test token, however many images there are.
+
 Probes are fitted here rather than with a library: a softmax regression by L-BFGS and a ridge
 regression in closed form are a few lines of torch and run where the features are."""
 
@@ -73,6 +78,11 @@ def _by_kind(values: torch.Tensor, high_norm: torch.Tensor) -> dict:
 def patch_pixels(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Each patch's pixels, (N, P, 3 * patch_size**2), patches in row-major order."""
     return F.unfold(images.float(), patch_size, stride=patch_size).transpose(1, 2)
+
+
+def _row_col(index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Row and column (M, 2) of each patch ``index`` (M,) on the ``grid``."""
+    return torch.stack([index // grid[1], index % grid[1]], -1).float()
 
 
 class ProbeTokens:
@@ -154,9 +164,9 @@ class PatchProbes:
         if self.position is not None:
             predicted = self.position(x).argmax(-1).cpu()
             truth = torch.arange(p).expand(n, p).reshape(-1)
-            rows = lambda i: torch.stack([i // self.grid[1], i % self.grid[1]], -1).float()  # noqa: E731
             out["top1"] = (predicted == truth).float()
-            out["distance"] = (rows(predicted) - rows(truth)).norm(dim=-1)
+            offset = _row_col(predicted, self.grid) - _row_col(truth, self.grid)
+            out["distance"] = offset.norm(dim=-1)
         if self.ridge is not None and pixels is not None:
             weight, bias = self.ridge
             target = pixels.reshape(-1, pixels.shape[-1]).to(self.device)
