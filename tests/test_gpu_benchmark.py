@@ -110,12 +110,18 @@ def test_without_a_gpu_nothing_is_measured_and_the_cpu_sections_keep_their_place
     assert exit.value.code == 2 and "no CUDA device" in capsys.readouterr().err
     assert out.read_text() == cpu_part
 
-    # A CPU run keeps a measured GPU section; the first one adds the not-measured text.
+    # A CPU run replaces the sections it measures, keeps the others and a measured GPU
+    # section, and adds the not-measured text where there is none.
     measured = "## GPU: training step, MFU, memory and loaders\n\n| H200 | 1 |\n"
     assert bench.split_gpu_section(cpu_part + measured) == (cpu_part, measured)
+    out.write_text(cpu_part + "## Data\n\nold data\n\n")
     monkeypatch.setattr(bench, "SECTIONS", {"backbone": lambda: ["## Backbone", "", "new"]})
     bench.main(["--out", str(out), "--only", "backbone"])
-    assert out.read_text().endswith("new\n" + "\n".join(NOT_MEASURED) + "\n")
+    sections = bench.sections_of(out.read_text())
+    assert list(sections) == ["## Backbone", "## Data", NOT_MEASURED[0]]
+    assert "| a | b |" not in sections["## Backbone"] and "new" in sections["## Backbone"]
+    assert "--only backbone`" in sections["## Backbone"]  # when, where and how it was measured
+    assert sections["## Data"] == "## Data\n\nold data\n\n"
     out.write_text(cpu_part + measured)
     bench.main(["--out", str(out), "--only", "backbone"])
-    assert out.read_text().endswith("new\n" + measured)
+    assert out.read_text().endswith("new\n\n" + measured)

@@ -1,5 +1,6 @@
 """Run the CPU benchmark sections (`make bench`) or the GPU section (`... benchmarks gpu`) and
-write BENCHMARKS.md with the command, machine and date; each replaces only its own part."""
+write them into BENCHMARKS.md, each with its date, machine and command; a run replaces only the
+sections it measured."""
 
 from __future__ import annotations
 
@@ -7,13 +8,17 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
 from . import analysis, backbone, data, gpu, monitoring, scale
 
+HEADER = (
+    "# Benchmarks\n\n`make bench` runs `python -m lightning_registers.benchmarks`: every CPU "
+    "section below (`--only NAME` reruns some and keeps the others); `python -m "
+    "lightning_registers.benchmarks gpu` the GPU section at the end.\n\n"
+)
 SECTIONS = {
     "backbone": backbone.run,
     "data": data.run,
@@ -37,6 +42,35 @@ def split_gpu_section(text: str) -> tuple[str, str]:
     """``text`` of BENCHMARKS.md as (the CPU part, the GPU section); each run replaces its own."""
     at = text.find(gpu.NOT_MEASURED[0])
     return (text, "") if at < 0 else (text[:at], text[at:])
+
+
+def sections_of(text: str) -> dict[str, str]:
+    """The ``## `` sections of ``text`` by heading, in order (what precedes the first is left
+    out)."""
+    sections: dict[str, str] = {}
+    heading = None
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## "):
+            heading = line.strip()
+            sections[heading] = ""
+        if heading is not None:
+            sections[heading] += line
+    return sections
+
+
+def measured(lines: list[str], name: str) -> list[str]:
+    """``lines`` of one benchmark with when, where and how each of its sections was measured
+    written under the section's heading."""
+    stamp = (
+        f"Measured {datetime.date.today().isoformat()} on {machine()} by "
+        f"`python -m lightning_registers.benchmarks --only {name}`."
+    )
+    out = []
+    for line in lines:
+        out.append(line)
+        if line.startswith("## "):
+            out += ["", stamp]
+    return out
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -65,19 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("no CUDA device here: nothing measured, BENCHMARKS.md left as it is")
         gpu_part = "\n".join(gpu.run()) + "\n"
     else:
-        command = " ".join(["python -m lightning_registers.benchmarks", *(argv or sys.argv[1:])])
-        lines = [
-            "# Benchmarks",
-            "",
-            f"Command: `{command}` (what `make bench` runs)",
-            f"Machine: {machine()}",
-            f"Date: {datetime.date.today().isoformat()}",
-            "",
-        ]
+        sections = sections_of(cpu_part)
         for name in args.only:
             print(f"running benchmark section {name} ...", flush=True)
-            lines += SECTIONS[name]() + [""]
-        cpu_part = "\n".join(lines)
+            sections.update(sections_of("\n".join(measured(SECTIONS[name](), name)) + "\n\n"))
+        cpu_part = HEADER + "".join(sections.values())
     text = cpu_part + (gpu_part or "\n".join(gpu.NOT_MEASURED) + "\n")
     write_atomically(out, text)
     print(text)
