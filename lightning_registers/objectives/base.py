@@ -159,6 +159,9 @@ class ObjectiveModule(L.LightningModule):
             if self._train_transform is None:
                 self._train_transform = self.make_transform(train=True)
             batch = self._train_transform.batch_stage(batch)
+            # Lightning converted the batch for "-true" precisions before the transfer, when it
+            # held uint8 crops; convert the float crops made here as it would have.
+            batch = self.trainer.precision_plugin.convert_input(batch)
         return batch
 
     def on_train_epoch_start(self) -> None:

@@ -317,8 +317,16 @@ def _backbone() -> RegisterViT:
     return RegisterViT("vit_tiny", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
 
 
-@pytest.mark.parametrize("objective", ["dino", "supervised"])
-def test_runs_train_with_photometric_on_device(demo_shards, objective):
+@pytest.mark.parametrize(
+    "objective, precision, dtype",
+    [
+        ("dino", "32-true", torch.float32),
+        ("supervised", "32-true", torch.float32),
+        # Lightning converts a "-true" batch before the transfer; the crops made after it too.
+        ("supervised", "bf16-true", torch.bfloat16),
+    ],
+)
+def test_runs_train_with_photometric_on_device(demo_shards, objective, precision, dtype):
     L.seed_everything(0)
     if objective == "dino":
         module = DinoModule(
@@ -331,10 +339,12 @@ def test_runs_train_with_photometric_on_device(demo_shards, objective):
         )
         key = "image"
     record = RecordBatches(key)
-    trainer = quiet_trainer(max_steps=3, limit_val_batches=1, callbacks=[record])
+    trainer = quiet_trainer(
+        max_steps=3, limit_val_batches=1, callbacks=[record], precision=precision
+    )
     trainer.fit(module, datamodule=demo_datamodule(demo_shards, num_workers=1))
     assert trainer.global_step == 3
-    assert [(dtype, carried) for dtype, carried, _ in record.seen] == [(torch.float32, False)] * 3
+    assert [(d, carried) for d, carried, _ in record.seen] == [(dtype, False)] * 3
     assert min(low for *_, low in record.seen) < -1.0  # normalized on the device
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert module.hparams.photometric_on_device
