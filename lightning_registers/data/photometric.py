@@ -233,8 +233,10 @@ def pack(params: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``pack``'s tensor (n, 13) as ``draw``'s parameters."""
-    params = dict(zip(_LAYOUT, packed.split(list(_LAYOUT.values()), dim=1), strict=True))
+    """``pack``'s tensor (n, 13) as ``draw``'s parameters (float32, whatever precision the
+    batch was converted to)."""
+    parts = packed.float().split(list(_LAYOUT.values()), dim=1)
+    params = dict(zip(_LAYOUT, parts, strict=True))
     params["order"] = params["order"].long()
     params["sigma"] = params["sigma"][:, 0]
     for key in _FLAGS:

@@ -29,8 +29,8 @@ from .optim import build_optimizer, param_groups, peak_lr
 from .requeue import SlurmRequeue
 from .schedules import run_length, warmup_cosine_lr
 
-# The objectives' on_after_batch_transfer is meant to run beside any DataModule; Lightning says
-# so at every fit that has one.
+# Lightning warns at every fit with a DataModule that the module's on_after_batch_transfer is
+# the one used: here that is intended.
 warnings.filterwarnings(
     "ignore", message="You have overridden `on_after_batch_transfer` in `LightningModule`"
 )
