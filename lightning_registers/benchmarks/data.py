@@ -83,6 +83,7 @@ def demo_step_seconds(batch_size: int = 128, steps: int = 5) -> float:
 
 
 def run() -> list[str]:
+    """The demo-size and the paper-resolution sections."""
     return demo_section() + [""] + paper_section()
 
 
@@ -260,6 +261,7 @@ def _compare(urls, pipelines: dict, samples: dict, batch_size: int, workers: int
 
 
 def paper_section(workers: int = 1, rounds: int = 3) -> list[str]:
+    """DINO multi-crop and 3-Augment at paper resolution, ours against the PIL references."""
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_paper_shards(tmp)
         dino = {
