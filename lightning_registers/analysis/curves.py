@@ -79,10 +79,14 @@ def read_run(path: str | Path, name: str | None = None) -> RunCurves:
             (e.step, read_value(key, e.value) if percent else e.value)
             for e in accumulator.Scalars(tag)
         ]
+        # A run resumed after an upgrade has both tag schemes: one series, in step order.
         if layer:
-            run.layers.setdefault(backbone, {}).setdefault(layer, {})[key] = series
+            keys = run.layers.setdefault(backbone, {}).setdefault(layer, {})
+            keys[key] = sorted({**dict(keys.get(key, [])), **dict(series)}.items())
         elif key == PRESENT:
-            run.present[backbone] = series
+            run.present[backbone] = sorted(
+                {**dict(run.present.get(backbone, [])), **dict(series)}.items()
+            )
     events_file = folder / EVENTS_FILE
     if events_file.is_file():
         lines = events_file.read_text().splitlines()

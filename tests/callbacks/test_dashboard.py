@@ -86,7 +86,9 @@ def test_shares_are_logged_in_percent_and_read_back_as_fractions(switched_on_run
     assert onset == events.Scalars("artifacts/backbone/onset_block/block01")[-1].value == 1
 
 
-def test_runs_logged_with_the_layer_before_the_key_are_read(tmp_path):
+def test_runs_logged_with_the_layer_before_the_key_are_read_and_joined_to_a_resumed_part(
+    tmp_path,
+):
     with SummaryWriter(tmp_path) as writer:
         for step in (0, 5):
             writer.add_scalar("artifacts/backbone/block01/high_norm_share_relative", 0.02, step)
@@ -99,6 +101,16 @@ def test_runs_logged_with_the_layer_before_the_key_are_read(tmp_path):
     ]
     assert run.layers["backbone"]["output"]["max_over_median"][-1] == (5, 7.0)
     assert run.present["backbone"] == [(0, 1.0), (5, 1.0)]
+
+    # Resumed at step 10 with the layer-last tags and shares in percent: one series each.
+    with SummaryWriter(tmp_path) as writer:
+        writer.add_scalar("artifacts/backbone/high_norm_share_relative/block01", 3.0, 10)
+        writer.add_scalar("artifacts/backbone/present", 0.0, 10)
+    run = read_run(tmp_path)
+    shares = run.layers["backbone"]["block01"]["high_norm_share_relative"]
+    assert [step for step, _ in shares] == [0, 5, 10]
+    assert [value for _, value in shares] == pytest.approx([0.02, 0.02, 0.03])
+    assert run.present["backbone"] == [(0, 1.0), (5, 1.0), (10, 0.0)]
 
 
 def test_a_status_text_at_every_check_says_what_the_check_found(switched_on_runs):
