@@ -64,7 +64,7 @@ from .test_time_registers import (
     model_family,
     outlier_flags,
 )
-from .tokens import Observation, batches, device_of, observe
+from .tokens import Observation, batches, device_of, observe, release_freed_memory
 
 PASSES = 3  # over the images, per backbone (see the module)
 LOST_SHOWN = 8  # images in the LOST figure
@@ -145,6 +145,7 @@ class _Passes:
                 self.bar.set_postfix_str(f"{name} {start}/{len(self.images)}")
             yield start, batch
             start += len(batch)
+            release_freed_memory()
         self.skip()
 
     def skip(self) -> None:
@@ -168,7 +169,7 @@ class _Kept:
 
     def add(self, seen: Observation) -> None:
         for layer, kinds in seen.norms.items():
-            self.norms.setdefault(layer, []).append(kinds["patches"].cpu())
+            self.norms.setdefault(layer, []).append(kinds["patches"].to("cpu", copy=True))
         self.attention.add(last_block_attention(self.backbone, seen))
         if self.square_lost:
             s, patch = self.settings, self.backbone.patch_size
@@ -262,7 +263,7 @@ def analyze_backbone(
     for start, x in passes("norms, neighbours, attention, LOST"):
         seen = observe(backbone, x)
         kept.add(seen)
-        cls.append(seen.cls.cpu())
+        cls.append(seen.cls.to("cpu", copy=True))  # not a view holding every token
         similarity.append(patch_similarity(backbone, x))
         outlier_norms.append(all_token_norms(seen.norms[search_layer]).cpu())
         probe_tokens.add(start, seen.patches.cpu(), patch_pixels(x.cpu(), patch))
@@ -458,9 +459,12 @@ def write_figures(
     for name, maps in attention.items():
         images = first[id(inputs[name.removesuffix(TTR_SUFFIX)])][: settings.attention_images]
         shown[name] = (dict(maps, attention=maps["attention"][: len(images)]), images)
+    # The attention figures are large images: memory freed after each goes back at once.
     paths.append(plot_attention_side_by_side(shown, out_dir / "attention.png"))
+    release_freed_memory()
     for name, (maps, images) in shown.items():
         paths += plot_attention({name: maps}, images, out_dir)
+        release_freed_memory()
     rows = {}
     for name, result in results.items():
         x = inputs[name]

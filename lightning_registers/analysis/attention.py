@@ -3,6 +3,7 @@ and 14), and how much of [CLS]'s attention lands on high-norm tokens."""
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -56,8 +57,8 @@ class AttentionKeeper:
         """``maps`` (B, heads, 1 + R, h, w) of the next images."""
         maps = maps.cpu()
         self.head_means.append(maps.mean(dim=1))
-        if self.kept < self.shown:
-            self.first.append(maps[: self.shown - self.kept])
+        if self.kept < self.shown:  # a copy: not a view holding the batch's every weight
+            self.first.append(maps[: self.shown - self.kept].clone())
             self.kept += len(self.first[-1])
 
     def result(self, high_norm: torch.Tensor) -> tuple[dict, dict]:
@@ -66,6 +67,36 @@ class AttentionKeeper:
         head_means = torch.cat(self.head_means)[:, None]  # one "head": the mean of all
         maps = {"attention": torch.cat(self.first), "queries": self.queries}
         return maps, attention_on_high_norm(head_means, high_norm)
+
+
+def _white_gaps(image: torch.Tensor) -> list[int]:
+    """The middle column of each run of at least two white columns inside ``image``
+    (3, H, W): where its grid's columns meet."""
+    white = (image == 1).all(dim=0).all(dim=0).tolist()
+    gaps, start = [], None
+    for column, is_white in enumerate([*white, False]):
+        if is_white and start is None:
+            start = column
+        elif not is_white and start is not None:
+            if column - start >= 2 and 0 < start and column < len(white):
+                gaps.append((start + column) // 2)
+            start = None
+    return gaps
+
+
+def show_in_bands(ax, image: torch.Tensor) -> None:
+    """``ax.imshow`` of ``image`` (3, H, W) as vertical bands cut in its white gaps.
+    Matplotlib resamples an image in float RGBA at its size on the canvas (about a gigabyte
+    for the grid of eight 224-pixel images); band by band it holds one band's worth. The bands
+    meet on white, so the picture is the same (to a rounding of the resampling)."""
+    height, width = image.shape[-2:]
+    pixels = image.permute(1, 2, 0).numpy()
+    cuts = [0, *_white_gaps(image), width]
+    for left, right in itertools.pairwise(cuts):
+        extent = (left - 0.5, right - 0.5, height - 0.5, -0.5)
+        ax.imshow(pixels[:, left:right], extent=extent)
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
 
 
 def draw_grids(panels: dict[str, torch.Tensor]):
@@ -82,7 +113,7 @@ def draw_grids(panels: dict[str, torch.Tensor]):
         layout="constrained",
     )
     for ax, (title, image) in zip(axes[0], panels.items(), strict=True):
-        ax.imshow(image.permute(1, 2, 0).numpy())
+        show_in_bands(ax, image)
         ax.set_axis_off()
         ax.set_title(title, fontsize=10)
     fig.supxlabel("a row per image", fontsize=9)

@@ -1,11 +1,14 @@
 """`analyze` streams: images are read from their source in batches at each pass, no tensor of
 every image (or of every token of every image) is ever made, what the results keep grows by a
-few numbers per image, and the streamed measures equal the in-memory ones."""
+few numbers per image, and the streamed measures equal the in-memory ones; the attention
+figures are drawn band by band, the same picture."""
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from planted import PATCH, SIDE, planted_backbone
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -24,8 +27,11 @@ from lightning_registers.analysis import (
     position_probe,
     token_classification,
 )
+from lightning_registers.analysis import attention as attention_module
 from lightning_registers.analysis import probes as probes_module
+from lightning_registers.analysis.figure_style import save
 from lightning_registers.data import write_demo_shards
+from lightning_registers.measures.attention import attention_grids
 
 BATCH = 4
 MEAN, STD = (0.5,) * 3, (0.25,) * 3
@@ -170,3 +176,24 @@ def test_image_batches_are_the_images_read_again_in_order(shards):
     images.names[5] = "another image"
     with pytest.raises(RuntimeError, match="changed while it was analysed: image 5"):
         list(images.batches(4))
+
+
+def test_attention_grids_drawn_in_bands_are_the_picture_drawn_whole(tmp_path, monkeypatch):
+    maps = torch.rand(3, 2, 2, 4, 4)
+    grid = attention_grids(maps, ["cls", "reg0"], torch.rand(3, 3, 32, 32), labelled=True)
+    image = grid["mean"][0]
+    assert len(attention_module._white_gaps(image)) >= 2  # between the columns: bands
+    pictures = {}
+    for how in ("bands", "whole"):
+        if how == "whole":  # one image, as matplotlib draws it unaided
+            monkeypatch.setattr(
+                attention_module,
+                "show_in_bands",
+                lambda ax, image: ax.imshow(image.permute(1, 2, 0).numpy()),
+            )
+        save(attention_module.draw_grids({"a model": image}), tmp_path / f"{how}.png")
+        with Image.open(tmp_path / f"{how}.png") as png:
+            pictures[how] = np.asarray(png).astype(int)
+    difference = np.abs(pictures["bands"] - pictures["whole"])
+    assert difference.max() <= 2  # a rounding of the resampling, nowhere more
+    assert (difference > 0).mean() < 0.05
