@@ -134,7 +134,7 @@ def test_fsdp2_with_activation_checkpointing_saves_sharded_checkpoints_that_load
     ("objective", "strategy", "extra"),
     [
         ("supervised", "ddp", ()),
-        ("dino", "fsdp", ("--model.init_args.backbone.init_args.grad_checkpointing=true",)),
+        ("supervised", "fsdp", ("--model.init_args.backbone.init_args.grad_checkpointing=true",)),
     ],
 )
 def test_compiled_blocks_train_as_eager_ones_under_ddp_and_fsdp2(
