@@ -131,7 +131,7 @@ def test_analyze_reads_batches_and_keeps_a_few_numbers_per_image(monkeypatch, sh
 
 
 def test_streamed_measures_equal_the_in_memory_ones(shards):
-    images = load_images(shards, SIDE, MEAN, STD, limit=24)
+    images = load_images(shards, SIDE, MEAN, STD, limit=12)
     x = images.images
     model = planted_backbone()
     settings = AnalysisSettings(batch_size=BATCH)
