@@ -82,11 +82,9 @@ def read_run(path: str | Path, name: str | None = None) -> RunCurves:
         # A run resumed after an upgrade has both tag schemes: one series, in step order.
         if layer:
             keys = run.layers.setdefault(backbone, {}).setdefault(layer, {})
-            keys[key] = sorted({**dict(keys.get(key, [])), **dict(series)}.items())
+            keys[key] = joined(keys.get(key, []), series)
         elif key == PRESENT:
-            run.present[backbone] = sorted(
-                {**dict(run.present.get(backbone, [])), **dict(series)}.items()
-            )
+            run.present[backbone] = joined(run.present.get(backbone, []), series)
     events_file = folder / EVENTS_FILE
     if events_file.is_file():
         lines = events_file.read_text().splitlines()
@@ -105,6 +103,11 @@ def read_run(path: str | Path, name: str | None = None) -> RunCurves:
             "TokenNormMonitor among its callbacks?"
         )
     return run
+
+
+def joined(series: Series, more: Series) -> Series:
+    """Two (step, value) series as one in step order; ``more`` wins at a step both have."""
+    return sorted({**dict(series), **dict(more)}.items())
 
 
 def parse_tag(tag: str) -> tuple[str, str, str | None, bool] | None:
