@@ -2,6 +2,8 @@
 the peak table, the step on the CPU (ours and timm compute the same), and that a machine
 without a GPU writes no numbers into BENCHMARKS.md."""
 
+import time
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from lightning_registers.benchmarks.gpu import (
     loader_rates,
     measure,
     peak_tflops,
+    stage_seconds_per_image,
     step_flops,
 )
 
@@ -84,7 +87,7 @@ def test_ours_and_timm_run_the_same_step_on_the_cpu():
 
 def test_the_loader_table_sets_each_pipeline_beside_its_workloads_demand():
     demand = {WORKLOADS[0].name: 1000.0, WORKLOADS[1].name: 200.0}
-    rows = [line.split(" | ") for line in loader_rates(demand, samples=8)[2:]]
+    rows = [line.split(" | ") for line in loader_rates(demand, torch.device("cpu"), samples=8)[2:]]
     assert [row[0].removeprefix("| ") for row in rows] == [
         "3-Augment 224 px, per sample",
         "3-Augment 224 px, photometric_on_device",
@@ -92,10 +95,27 @@ def test_the_loader_table_sets_each_pipeline_beside_its_workloads_demand():
         "multi-crop 2 x 224 + 8 x 98 px, photometric_on_device",
     ]
     for row, need in zip(rows, (1000, 1000, 200, 200), strict=True):
-        rate, shown, workers = float(row[1]), float(row[2]), float(row[3].removesuffix(" |"))
+        rate, shown, workers = float(row[1]), float(row[2]), float(row[3])
         assert (
             rate > 0 and shown == need and workers == pytest.approx(need / rate, rel=0.03, abs=0.06)
         )
+    # Only the on-device pipelines have a stage on the device, and it costs time there.
+    shares = [row[4].removesuffix(" |") for row in rows]
+    assert shares[0] == shares[2] == "none (in the worker)"
+    assert float(shares[1]) > 0 and float(shares[3]) > 0
+
+
+def test_the_stage_time_is_per_image_of_the_batch():
+    calls = []
+
+    def stage(batch):
+        calls.append(batch["crops"].device)
+        time.sleep(0.01)
+
+    batch = {"crops": torch.zeros(4, 3, 2, 2), "params": {"sigma": torch.zeros(4)}}
+    seconds = stage_seconds_per_image(stage, batch, torch.device("cpu"), repeats=3)
+    assert len(calls) == 4  # a warm-up, then the timed calls
+    assert 0.01 / 4 <= seconds < 0.05 / 4
 
 
 def test_without_a_gpu_nothing_is_measured_and_the_cpu_sections_keep_their_place(

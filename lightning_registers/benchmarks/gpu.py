@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lightning_registers.data import MultiCropTransform, ThreeAugment
@@ -211,19 +212,53 @@ def paper_pipelines() -> dict[str, tuple[str, object]]:
     }
 
 
-def loader_rates(demand: dict[str, float], samples: int = 128, batch_size: int = 16) -> list:
+def stage_seconds_per_image(stage, batch: dict, device: torch.device, repeats: int = 5) -> float:
+    """Seconds per image of a transform's ``batch_stage`` (the photometric stage that
+    ``photometric_on_device`` runs after the transfer) on ``device``: the mean of ``repeats``
+    calls after a warm-up."""
+    batch = move_data_to_device(batch, device)
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    stage(batch)
+    synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        stage(batch)
+    synchronize()
+    images = len(next(value for value in batch.values() if torch.is_tensor(value)))
+    return (time.perf_counter() - start) / repeats / images
+
+
+def loader_rates(
+    demand: dict[str, float],
+    device: torch.device,
+    samples: int = 128,
+    batch_size: int = 16,
+) -> list[str]:
     """Samples/s of one DataLoader worker for each paper-size pipeline on JPEG shards of
-    500 x 375 scenes, beside the step's demand (the fastest images/s of its workload)."""
+    500 x 375 scenes, beside the step's demand (the fastest images/s of its workload); for a
+    pipeline with ``photometric_on_device``, the time its batched stage takes on ``device`` as a
+    share of the step's time for the same images."""
     lines = [
-        "| pipeline | samples/s per worker | step demand (images/s) | workers per GPU needed |",
-        "|---|---|---|---|",
+        "| pipeline | samples/s per worker | step demand (images/s) | workers per GPU needed "
+        "| on-device stage, % of step time |",
+        "|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_paper_shards(tmp, count=samples)
         for name, (workload, transform) in paper_pipelines().items():
-            rate = loader_rate(shard_loader(urls, transform, batch_size, workers=1), samples)
+            loader = shard_loader(urls, transform, batch_size, workers=1)
+            rate = loader_rate(loader, samples)
             need = demand[workload]
-            lines.append(f"| {name} | {rate:.1f} | {need:.0f} | {need / rate:.1f} |")
+            share = "none (in the worker)"
+            if transform.batch_stage is not None:
+                batch = next(iter(shard_loader(urls, transform, batch_size, workers=0)))
+                seconds = stage_seconds_per_image(transform.batch_stage, batch, device)
+                share = f"{100 * seconds * need:.1f}"
+            lines.append(f"| {name} | {rate:.1f} | {need:.0f} | {need / rate:.1f} | {share} |")
     return lines
 
 
@@ -255,11 +290,13 @@ def run(device: torch.device | None = None) -> list[str]:
         "bf16-mixed (float32 weights, fused AdamW); 3 warm-up steps (which compile), then the "
         "mean of 10; compiled = each block compiled (`compile: true`). Loaders: one worker on "
         "this machine's CPU over JPEG scenes of 500 x 375 px; with photometric_on_device the "
-        "photometric stage runs on the GPU after the transfer and is not in the step's time.",
+        "photometric stage runs on the GPU after the transfer: it is not in the step's time "
+        "above, and its last column is its own time on the GPU, per image, as a share of the "
+        "step's time per image.",
         "",
         "| workload | model | mode | images/s | step ms | TFLOP/s | MFU | peak memory GiB |",
         "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        *loader_rates(demand),
+        *loader_rates(demand, device),
     ]
