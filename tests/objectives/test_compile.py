@@ -33,7 +33,7 @@ def clip_module(compile: bool) -> ClipModule:
 
 
 def test_compiled_clip_towers_train_as_eager_ones_with_one_graph_a_tower(tmp_path, demo_shards):
-    recorded = {}
+    recorded, checkpoints, modules = {}, {}, {}
     for compile in (False, True):
         torch._dynamo.reset()
         module = clip_module(compile)
@@ -41,6 +41,9 @@ def test_compiled_clip_towers_train_as_eager_ones_with_one_graph_a_tower(tmp_pat
         trainer = quiet_trainer(max_steps=3, limit_val_batches=0, callbacks=[RecordLosses(path)])
         trainer.fit(module, datamodule=demo_datamodule(demo_shards, image_size=32))
         recorded[compile] = losses(path)
+        trainer.save_checkpoint(tmp_path / f"compile_{compile}.ckpt")
+        checkpoints[compile] = torch.load(tmp_path / f"compile_{compile}.ckpt", weights_only=True)
+        modules[compile] = module
         blocks = module.tower_blocks()
         assert len(blocks) == 5  # 3 image blocks, 2 text blocks
         compiled = [hasattr(b.forward, "_torchdynamo_orig_callable") for b in blocks]
@@ -50,3 +53,8 @@ def test_compiled_clip_towers_train_as_eager_ones_with_one_graph_a_tower(tmp_pat
     assert sorted(recorded[True]) == sorted(recorded[False]) == [1, 2, 3]
     for step, loss in recorded[False].items():
         assert recorded[True][step] == pytest.approx(loss, rel=1e-4)
+    # Checkpoints are the eager model's: each loads into the module trained the other way.
+    eager_state, compiled_state = (checkpoints[c]["state_dict"] for c in (False, True))
+    assert list(compiled_state) == list(eager_state)
+    modules[True].load_state_dict(eager_state, strict=True)
+    modules[False].load_state_dict(compiled_state, strict=True)
