@@ -1,8 +1,10 @@
 """RegisterViT against timm's VisionTransformer of the same configuration, and compiled
 (regional compilation, as ``compile: true`` trains) against eager: speed and memory.
 
-Each measurement runs in its own process, so that the peak resident memory of one model is not
-hidden by another's; runs of the two models alternate so that drift of the machine hits both.
+Speed: the three models train in one process, a step of each in turn, so that a shared
+machine's drift (which moves step times by 10 % within minutes) hits all three alike; each
+model's fastest step counts. Memory: each model trains in its own process, so that the peak
+resident memory of one is not hidden by another's.
 """
 
 from __future__ import annotations
@@ -53,51 +55,70 @@ def library_share(step) -> float:
     return library / total
 
 
-def measure(impl: str, num_registers: int, batch_size: int, steps: int) -> dict:
-    """Forward+backward images/s of one model in its fastest of ``steps`` steps (runs in the
-    current process)."""
+def build(impl: str, num_registers: int) -> torch.nn.Module:
+    """ViT-S/16 at 224 px as ``impl`` trains it; the same weights for every ``impl``."""
     torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
     model = RegisterViT("vit_small", img_size=224, patch_size=16, num_registers=num_registers)
     if impl == "timm":
-        model = create_timm_model(model)
-    elif impl == "compiled":
+        return create_timm_model(model)
+    if impl == "compiled":
         compile_blocks(model.blocks)
+    return model
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor) -> None:
+    model(x).float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def measure_speed(num_registers: int, batch_size: int, rounds: int) -> dict:
+    """Images/s of each model in its fastest of ``rounds`` steps, the models taking turns
+    (the order rotating every round), after a warm-up step each (which compiles); and the
+    share of ours' step in library kernels (``library_share``)."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    models = {impl: build(impl, num_registers) for impl in IMPLS}
+    x = torch.randn(batch_size, 3, 224, 224)
+    fastest = dict.fromkeys(IMPLS, float("inf"))
+    for model in models.values():
+        train_step(model, x)
+    for round in range(rounds):
+        shift = round % len(IMPLS)
+        for impl in IMPLS[shift:] + IMPLS[:shift]:
+            start = time.perf_counter()
+            train_step(models[impl], x)
+            fastest[impl] = min(fastest[impl], time.perf_counter() - start)
+    share = library_share(lambda: train_step(models["ours"], x))
+    return {"images_per_s": {k: batch_size / v for k, v in fastest.items()}, "library_share": share}
+
+
+def measure_memory(impl: str, num_registers: int, batch_size: int) -> dict:
+    """Resident memory before the first training step of ``impl`` (the model and its input),
+    for the parent to subtract from this process's peak."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build(impl, num_registers)
     x = torch.randn(batch_size, 3, 224, 224)
     baseline = _rss_bytes()
-
-    def step():
-        model(x).float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    step()  # warm-up, which compiles
-    fastest = float("inf")
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        fastest = min(fastest, time.perf_counter() - start)
-    result = {"images_per_s": batch_size / fastest, "baseline_rss": baseline}
-    if impl == "ours":
-        result["library_share"] = library_share(step)
-    return result
+    for _ in range(2):
+        train_step(model, x)
+    return {"baseline_rss": baseline}
 
 
-def _run_child(impl: str, num_registers: int, batch_size: int, steps: int) -> dict:
+def _run_child(call: str) -> tuple[dict, int]:
+    """The JSON that ``call`` (a function of this module) returns in a fresh process, and the
+    process's peak resident memory in bytes."""
     code = (
-        "import json; from lightning_registers.benchmarks.backbone import measure; "
-        f"print(json.dumps(measure({impl!r}, {num_registers}, {batch_size}, {steps})))"
+        "import json; from lightning_registers.benchmarks import backbone; "
+        f"print(json.dumps(backbone.{call}))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
-        raise RuntimeError(f"benchmark child for {impl} failed with status {status}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["step_memory_bytes"] = usage.ru_maxrss * 1024 - result.pop("baseline_rss")
-    return result
+        raise RuntimeError(f"benchmark child {call} failed with status {status}")
+    return json.loads(out.strip().splitlines()[-1]), usage.ru_maxrss * 1024
 
 
-def run(repeats: int = 4, batch_size: int = 32, steps: int = 3) -> list[str]:
+def run(rounds: int = 10, batch_size: int = 32) -> list[str]:
     """Markdown lines for BENCHMARKS.md."""
     lines = [
         "| registers | ours img/s | timm img/s | compiled img/s | ours/timm speed "
@@ -106,15 +127,12 @@ def run(repeats: int = 4, batch_size: int = 32, steps: int = 3) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for num_registers in (0, 4):
-        results = {impl: [] for impl in IMPLS}
-        for repeat in range(repeats):
-            # Rotate the order every repeat so that no model always runs first.
-            shift = repeat % len(IMPLS)
-            for impl in IMPLS[shift:] + IMPLS[:shift]:
-                results[impl].append(_run_child(impl, num_registers, batch_size, steps))
-        speed = {k: max(r["images_per_s"] for r in v) for k, v in results.items()}
-        memory = {k: min(r["step_memory_bytes"] for r in v) / 2**20 for k, v in results.items()}
-        share = sum(r["library_share"] for r in results["ours"]) / repeats
+        result, _ = _run_child(f"measure_speed({num_registers}, {batch_size}, {rounds})")
+        speed, share = result["images_per_s"], result["library_share"]
+        memory = {}
+        for impl in IMPLS:
+            child, peak = _run_child(f"measure_memory({impl!r}, {num_registers}, {batch_size})")
+            memory[impl] = (peak - child["baseline_rss"]) / 2**20
         lines.append(
             f"| {num_registers} | {speed['ours']:.2f} | {speed['timm']:.2f} "
             f"| {speed['compiled']:.2f} | {speed['ours'] / speed['timm']:.3f} "
@@ -125,15 +143,16 @@ def run(repeats: int = 4, batch_size: int = 32, steps: int = 3) -> list[str]:
     return [
         "## Backbone: RegisterViT vs timm VisionTransformer, compiled vs eager",
         "",
-        f"vit_small, patch 16, 224 px, batch {batch_size}, float32 forward+backward on CPU; "
-        f"the fastest step of {repeats} runs of {steps} steps each (after one warm-up step, "
-        "which compiles; the fastest, as a shared machine only ever slows a step down), "
-        "rotating the order of the three models; compiled is ours with each block compiled "
-        "(`compile: true`); memory is the peak resident memory of the step above the model's own. "
-        "The last column is the share of ours' operator time (torch.profiler, one step) in matrix "
-        "products and fused attention, which a compiled block calls as eager does: compiling "
-        "fuses only the rest (norms, GELU, residual adds, reshapes), so on a CPU in float32 it "
-        "can gain at most 1 / (that share) and in practice gains a fraction of the rest.",
+        f"vit_small, patch 16, 224 px, batch {batch_size}, float32 forward+backward on CPU. "
+        f"Speed: the three models take turns in one process for {rounds} rounds of a step each "
+        "(after a warm-up step each, which compiles), and each model's fastest step counts (a "
+        "shared machine only ever slows a step down); compiled is ours with each block compiled "
+        "(`compile: true`). Memory: the peak resident memory of two steps above the model's "
+        "own, each model in its own process. The last column is the share of ours' operator "
+        "time (torch.profiler, one step) in matrix products and fused attention, which a "
+        "compiled block calls as eager does: compiling fuses only the rest (norms, GELU, "
+        "residual adds, reshapes), so on a CPU in float32 it can gain at most 1 / (that share) "
+        "and in practice gains a fraction of the rest.",
         "",
         *lines,
     ]
