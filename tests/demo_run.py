@@ -61,15 +61,18 @@ DINO_TINY = {
     "knn_train_samples": 16,
     "linear_probe_steps": 5,
 }
+# CLIP's text tower at the image tower's tiny size; tokenizer, context and templates as given.
+CLIP_TINY = {"embed_dim": 16, "text_width": 32, "text_layers": 1, "text_heads": 2}
 
 
 def tiny_overrides(tmp_path, demo_shards, config_file: Path | None = None, **data) -> Path:
     """A config that shrinks any objective config to a tiny model on the test demo shards."""
-    is_dino = config_file is not None and "DinoModule" in config_file.read_text()
+    text = config_file.read_text() if config_file is not None else ""
+    objective = DINO_TINY if "DinoModule" in text else CLIP_TINY if "ClipModule" in text else {}
     config = {
         "model": {
             "init_args": {
-                **(DINO_TINY if is_dino else {}),
+                **objective,
                 "backbone": {
                     "init_args": {
                         "arch": "vit_tiny",
