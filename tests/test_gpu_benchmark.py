@@ -2,12 +2,14 @@
 the peak table, the step on the CPU (ours and timm compute the same), and that a machine
 without a GPU writes no numbers into BENCHMARKS.md."""
 
+import functools
 import time
 
 import pytest
 import torch
 
 from lightning_registers.benchmarks import __main__ as bench
+from lightning_registers.benchmarks import gpu
 from lightning_registers.benchmarks.gpu import (
     NOT_MEASURED,
     WORKLOADS,
@@ -116,6 +118,35 @@ def test_the_stage_time_is_per_image_of_the_batch():
     seconds = stage_seconds_per_image(stage, batch, torch.device("cpu"), repeats=3)
     assert len(calls) == 4  # a warm-up, then the timed calls
     assert 0.01 / 4 <= seconds < 0.05 / 4
+
+
+def test_the_whole_gpu_section_is_written_from_a_run_on_the_cpu(monkeypatch):
+    """Every line of ``run`` on small workloads, compiled modes included, so that a lent GPU's
+    minutes are not lost to an error at the end of the run."""
+    # Crops of the shape of TINY's global crops, so that the compiled graphs serve both.
+    tiny_supervised = Workload("tiny supervised", TINY.backbone, batch_size=4, crops=((1, 32),))
+    monkeypatch.setattr(gpu, "WORKLOADS", (tiny_supervised, TINY))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    fast_loaders = functools.partial(gpu.loader_rates, samples=8)
+    monkeypatch.setattr(gpu, "loader_rates", fast_loaders)
+    lines = gpu.run(torch.device("cpu"))
+    assert lines[0] == NOT_MEASURED[0] and "NVIDIA H200 (989 TFLOP/s dense bf16)" in lines[2]
+    table = lines[lines.index("|---|---|---|---|---|---|---|---|") + 1 :]
+    rows = [line.split(" | ") for line in table[: table.index("")]]
+    assert [(row[0].removeprefix("| "), row[1], row[2]) for row in rows] == [
+        (workload.name, impl, mode)
+        for workload in (tiny_supervised, TINY)
+        for impl, mode in (("ours", "eager"), ("timm", "eager"), ("ours", "compiled"),
+                           ("timm", "compiled"))
+    ]  # fmt: skip
+    for row in rows:
+        images_per_s, step_ms, tflops = float(row[3]), float(row[4]), float(row[5])
+        assert images_per_s > 0 and step_ms > 0
+        mfu = float(row[6].removesuffix(" %"))
+        assert mfu == pytest.approx(100 * tflops / 989, abs=0.06)  # against the H200's peak
+        assert row[7] == "n/a |"  # no device memory counter on the CPU
+    loaders = [line for line in table if line.startswith("| multi-crop") or line.startswith("| 3-")]
+    assert len(loaders) == 4
 
 
 def test_without_a_gpu_nothing_is_measured_and_the_cpu_sections_keep_their_place(

@@ -275,10 +275,12 @@ def run(device: torch.device | None = None) -> list[str]:
             achieved = flops / result["step_s"] / 1e12
             mfu = f"{100 * achieved / peak:.1f} %" if peak else "n/a (peak unknown)"
             demand[workload.name] = max(demand.get(workload.name, 0), result["images_per_s"])
+            memory = result["peak_bytes"]
+            memory = f"{memory / 2**30:.1f}" if memory is not None else "n/a"
             rows.append(
                 f"| {workload.name} | {impl} | {'compiled' if compiled else 'eager'} "
                 f"| {result['images_per_s']:.1f} | {1000 * result['step_s']:.1f} "
-                f"| {achieved:.1f} | {mfu} | {result['peak_bytes'] / 2**30:.1f} |"
+                f"| {achieved:.1f} | {mfu} | {memory} |"
             )
             torch.cuda.empty_cache()
     peak_text = f"{peak:.0f} TFLOP/s dense bf16" if peak else "peak unknown"
