@@ -120,7 +120,7 @@ def test_the_stage_time_is_per_image_of_the_batch():
     assert 0.01 / 4 <= seconds < 0.05 / 4
 
 
-def test_the_whole_gpu_section_is_written_from_a_run_on_the_cpu(monkeypatch):
+def test_the_whole_gpu_section_is_written_from_a_run_on_the_cpu(monkeypatch, capsys):
     """Every line of ``run`` on small workloads, compiled modes included, so that a lent GPU's
     minutes are not lost to an error at the end of the run."""
     # Crops of the shape of TINY's global crops, so that the compiled graphs serve both.
@@ -147,6 +147,9 @@ def test_the_whole_gpu_section_is_written_from_a_run_on_the_cpu(monkeypatch):
         assert row[7] == "n/a |"  # no device memory counter on the CPU
     loaders = [line for line in table if line.startswith("| multi-crop") or line.startswith("| 3-")]
     assert len(loaders) == 4
+    # Each row was printed as it was measured.
+    printed = [line.split("] ", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    assert printed == table[: table.index("")]
 
 
 def test_without_a_gpu_nothing_is_measured_and_the_cpu_sections_keep_their_place(

@@ -268,6 +268,7 @@ def run(device: torch.device | None = None) -> list[str]:
     name = torch.cuda.get_device_name(device)
     peak = peak_tflops(name)
     rows, demand = [], {}
+    start = time.perf_counter()
     for workload in WORKLOADS:
         flops = step_flops(workload, device)
         for impl, compiled in MODES:
@@ -282,6 +283,8 @@ def run(device: torch.device | None = None) -> list[str]:
                 f"| {result['images_per_s']:.1f} | {1000 * result['step_s']:.1f} "
                 f"| {achieved:.1f} | {mfu} | {memory} |"
             )
+            # Each row as it is measured, so that a run cut short still leaves its numbers.
+            print(f"[{time.perf_counter() - start:.0f} s] {rows[-1]}", flush=True)
             torch.cuda.empty_cache()
     peak_text = f"{peak:.0f} TFLOP/s dense bf16" if peak else "peak unknown"
     return [
