@@ -10,6 +10,7 @@ import torch
 
 from lightning_registers.benchmarks import __main__ as bench
 from lightning_registers.benchmarks import gpu
+from lightning_registers.benchmarks.data import stage_seconds_per_sample
 from lightning_registers.benchmarks.gpu import (
     NOT_MEASURED,
     WORKLOADS,
@@ -19,7 +20,6 @@ from lightning_registers.benchmarks.gpu import (
     loader_rates,
     measure,
     peak_tflops,
-    stage_seconds_per_image,
     step_flops,
 )
 
@@ -115,7 +115,7 @@ def test_the_stage_time_is_per_image_of_the_batch():
         time.sleep(0.01)
 
     batch = {"crops": torch.zeros(4, 3, 2, 2), "params": {"sigma": torch.zeros(4)}}
-    seconds = stage_seconds_per_image(stage, batch, torch.device("cpu"), repeats=3)
+    seconds = stage_seconds_per_sample(stage, batch, torch.device("cpu"), repeats=3)
     assert len(calls) == 4  # a warm-up, then the timed calls
     assert 0.01 / 4 <= seconds < 0.05 / 4
 

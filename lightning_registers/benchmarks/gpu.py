@@ -20,14 +20,19 @@ import time
 from dataclasses import dataclass
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lightning_registers.data import MultiCropTransform, ThreeAugment
 from lightning_registers.models import RegisterViT, create_timm_model
 from lightning_registers.models.regional_compile import compile_blocks
 
-from .data import loader_rate, shard_loader, write_paper_shards
+from .data import (
+    loader_rate,
+    shard_loader,
+    stage_seconds_per_sample,
+    synchronize,
+    write_paper_shards,
+)
 
 # Dense (not sparse) bf16 tensor-core peaks from the vendors' datasheets, in TFLOP/s, by a
 # pattern of torch.cuda.get_device_name(); the first match counts.
@@ -178,14 +183,13 @@ def measure(
     crops, teacher_crops = crops_for(workload, device), crops_for(workload, device, True)
     for _ in range(warmup):
         train_step(model, teacher, crops, teacher_crops, optimizer, dtype)
+    synchronize(device)
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
         train_step(model, teacher, crops, teacher_crops, optimizer, dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"images_per_s": workload.batch_size / seconds, "step_s": seconds, "peak_bytes": peak}
@@ -212,26 +216,6 @@ def paper_pipelines() -> dict[str, tuple[str, object]]:
     }
 
 
-def stage_seconds_per_image(stage, batch: dict, device: torch.device, repeats: int = 5) -> float:
-    """Seconds per image of a transform's ``batch_stage`` (the photometric stage that
-    ``photometric_on_device`` runs after the transfer) on ``device``: the mean of ``repeats``
-    calls after a warm-up."""
-    batch = move_data_to_device(batch, device)
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    stage(batch)
-    synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        stage(batch)
-    synchronize()
-    images = len(next(value for value in batch.values() if torch.is_tensor(value)))
-    return (time.perf_counter() - start) / repeats / images
-
-
 def loader_rates(
     demand: dict[str, float],
     device: torch.device,
@@ -256,7 +240,7 @@ def loader_rates(
             share = "none (in the worker)"
             if transform.batch_stage is not None:
                 batch = next(iter(shard_loader(urls, transform, batch_size, workers=0)))
-                seconds = stage_seconds_per_image(transform.batch_stage, batch, device)
+                seconds = stage_seconds_per_sample(transform.batch_stage, batch, device, repeats=5)
                 share = f"{100 * seconds * need:.1f}"
             lines.append(f"| {name} | {rate:.1f} | {need:.0f} | {need / rate:.1f} | {share} |")
     return lines
